@@ -1,0 +1,71 @@
+"""Helpers every command uses: preset/override options, config resolution, ``--dry-run``, clear errors."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import typer
+from rich.console import Console
+
+console = Console(stderr=True)
+
+# Context settings that let trailing ``key=value`` overrides through as plain arguments.
+OVERRIDE_CONTEXT = {"allow_extra_args": False, "help_option_names": ["-h", "--help"]}
+
+
+def overrides_argument() -> Any:
+    return typer.Argument(None, help="Config overrides as key=value (e.g. train.lr=1e-4 rae=tiny).",
+                          show_default=False, metavar="[KEY=VALUE]...")
+
+
+def preset_option(default: Optional[str], kind: str) -> Any:
+    return typer.Option(default, "--preset", "-p",
+                        help=f"A shipped {kind} preset name (see `rae presets`) or a path to a YAML file.")
+
+
+def dry_run_option() -> Any:
+    return typer.Option(False, "--dry-run", help="Print the resolved config and exit.")
+
+
+def fail(message: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Turn library errors a user can act on (RaeError) into one red line and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from rae_cli.errors import RaeError
+
+        try:
+            return fn(*args, **kwargs)
+        except RaeError as e:
+            fail(str(e))
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/]: finished work is kept; re-run the same command to resume.")
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+def resolve_config(cls: type, preset: Optional[str], overrides: Optional[List[str]], dry_run: bool,
+                   base: Optional[dict] = None):
+    """Resolve a config; with ``--dry-run`` print it as YAML and exit 0."""
+    from rae_cli.config import resolve, to_yaml
+
+    cfg = resolve(cls, preset=preset, overrides=list(overrides or []), base=base)
+    if dry_run:
+        sys.stdout.write(to_yaml(cfg))
+        raise typer.Exit(0)
+    return cfg
+
+
+def ensure_out_dir(path: Path) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,110 @@
+"""One code path for 1 or N processes: DDP is detected from torchrun's environment (nanoGPT style).
+
+``gloo`` on CPU, ``nccl`` on CUDA. Seeds are derived here so that every rank's stream is documented in one place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init(device: str = "auto") -> Dist:
+    """Initialise torch.distributed if launched by torchrun (``WORLD_SIZE`` > 1); pick the device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+    return Dist(rank=rank, world_size=world, local_rank=local, device=dev)
+
+
+def shutdown() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def barrier(dist: Dist) -> None:
+    if dist.enabled:
+        torch.distributed.barrier()
+
+
+def all_reduce_mean(t: torch.Tensor, dist: Dist) -> torch.Tensor:
+    if dist.enabled:
+        t = t.clone()
+        torch.distributed.all_reduce(t)
+        t /= dist.world_size
+    return t
+
+
+def all_reduce_sum_(t: torch.Tensor, dist: Dist) -> torch.Tensor:
+    if dist.enabled:
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def broadcast_object(obj, dist: Dist, src: int = 0):
+    if not dist.enabled:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (global seed, rank, step, sample index, ...): stable across runs and machines."""
+    import hashlib
+
+    h = hashlib.sha256(b"rae:" + b":".join(str(int(p)).encode() for p in parts)).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def generator(*parts: int, device: torch.device | str = "cpu") -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(derive_seed(*parts))
+    return g
+
+
+@contextlib.contextmanager
+def main_first(dist: Dist):
+    """Let rank 0 do something first (create folders, build caches), then the others."""
+    if not dist.is_main:
+        barrier(dist)
+    yield
+    if dist.is_main:
+        barrier(dist)
+
+
+def setup_logging(dist: Dist, level: int = logging.INFO) -> None:
+    """Rank 0 logs at ``level``; other ranks only warnings."""
+    logging.basicConfig(level=level if dist.is_main else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

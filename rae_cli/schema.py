@@ -1,0 +1,97 @@
+"""Config sections shared by several commands (the stage-1 autoencoder, the encode/recon jobs).
+
+Each field's help text is its documentation; presets (``presets/<kind>/*.yaml``) fill what differs from the defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Dict, Optional
+
+from rae_cli.config import ConfigError, doc
+
+
+@dataclass
+class RAEConfig:
+    """The Representation Autoencoder: frozen encoder + ViT decoder + per-element latent statistics (spec §1)."""
+
+    preset_kind: ClassVar[str] = "rae"
+
+    encoder: str = doc("Encoder registry name: dinov2-b, dinov2-s, dinov2-l, dinov2-b-noreg, siglip2-b, mae-b, "
+                       "efficientnet-lite0.", "dinov2-b")
+    encoder_source: Optional[str] = doc("Hugging Face id or local directory of the encoder weights; null = the "
+                                        "registry's official id. 'presets:<path>' is relative to the presets folder.",
+                                        None)
+    encoder_random_init: bool = doc("TEST ONLY: build the encoder from its config with random weights (never a "
+                                    "pretrained model; every output says so).", False)
+    encoder_input_size: int = doc("Images are resized (bicubic, no antialias) to this size before the encoder.", 224)
+    encoder_options: Dict[str, Any] = doc("Extra encoder arguments (e.g. {stride: 8} for efficientnet-lite0).",
+                                          factory=dict)
+    decoder: str = doc("Decoder size (ViT-B, ViT-L, ViT-XL), 'custom' (use the decoder_* sizes below), or a path to "
+                       "an official ViTMAE-style decoder config.json.", "ViT-XL")
+    decoder_hidden_size: Optional[int] = doc("Decoder width for decoder=custom.", None)
+    decoder_depth: Optional[int] = doc("Decoder depth for decoder=custom.", None)
+    decoder_heads: Optional[int] = doc("Decoder attention heads for decoder=custom.", None)
+    decoder_intermediate_size: Optional[int] = doc("Decoder MLP width for decoder=custom.", None)
+    decoder_patch_size: int = doc("Pixels per latent token side in the output (16 → 256² from 16×16 tokens; 32 "
+                                  "turns 256-latents into 512² images).", 16)
+    decoder_weights: Optional[str] = doc("Decoder weights: our .safetensors, an official model.pt, or a released "
+                                         "artifact name (see `rae download --list`); null = random init (training).",
+                                         None)
+    stats: Optional[str] = doc("Latent statistics: our .safetensors (from cache-latents), an official stat.pt, or a "
+                               "released artifact name; null = no normalisation.", None)
+    noise_tau: float = doc("Noise augmentation τ: σ = τ·U(0,1) per sample, added to encoder tokens in training.", 0.0)
+    eps: float = doc("ε in (z − mean)/sqrt(var + ε).", 1e-5)
+    seed: int = doc("Seed for random-init weights (tests, fresh decoders).", 0)
+
+    def validate(self) -> None:
+        if self.decoder == "custom":
+            missing = [k for k in ("decoder_hidden_size", "decoder_depth", "decoder_heads",
+                                   "decoder_intermediate_size") if getattr(self, k) is None]
+            if missing:
+                raise ConfigError(f"rae.decoder=custom needs {', '.join('rae.' + m for m in missing)}")
+        if self.noise_tau < 0:
+            raise ConfigError("rae.noise_tau must be ≥ 0")
+
+
+@dataclass
+class EncodeConfig:
+    """``rae encode``: images → latents (safetensors)."""
+
+    preset_kind: ClassVar[str] = "encode"
+
+    rae: RAEConfig = doc("The autoencoder (a string names an rae preset).", factory=RAEConfig)
+    image_size: Optional[int] = doc("ADM center-crop size before encoding; null = the autoencoder's image size.", None)
+    crop: str = doc("adm (center crop), resize (square resize) or none (encoder resizes).", "adm")
+    batch_size: int = doc("Images per forward pass.", 16)
+    dtype: str = doc("Latent dtype on disk: fp32, fp16 or bf16.", "fp32")
+    device: str = doc("auto, cpu or cuda.", "auto")
+
+    def validate(self) -> None:
+        if self.dtype not in ("fp32", "fp16", "bf16"):
+            raise ConfigError(f"dtype must be fp32, fp16 or bf16, not {self.dtype!r}")
+        if self.crop not in ("adm", "resize", "none"):
+            raise ConfigError(f"crop must be adm, resize or none, not {self.crop!r}")
+        if self.batch_size < 1:
+            raise ConfigError("batch_size must be ≥ 1")
+
+
+@dataclass
+class ReconConfig:
+    """``rae recon``: images → reconstructions, a side-by-side grid, PSNR/SSIM (and rFID with a reference)."""
+
+    preset_kind: ClassVar[str] = "recon"
+
+    rae: RAEConfig = doc("The autoencoder (a string names an rae preset).", factory=RAEConfig)
+    image_size: Optional[int] = doc("ADM center-crop size; null = the autoencoder's image size.", None)
+    crop: str = doc("adm (center crop) or resize (square resize).", "adm")
+    batch_size: int = doc("Images per forward pass.", 16)
+    grid_images: int = doc("How many input/reconstruction pairs go into grid.png.", 16)
+    rfid: bool = doc("Also compute rFID (Inception features) of reconstructions vs inputs.", False)
+    device: str = doc("auto, cpu or cuda.", "auto")
+
+    def validate(self) -> None:
+        if self.crop not in ("adm", "resize"):
+            raise ConfigError(f"crop must be adm or resize, not {self.crop!r}")
+        if self.batch_size < 1 or self.grid_images < 0:
+            raise ConfigError("batch_size must be ≥ 1 and grid_images ≥ 0")
