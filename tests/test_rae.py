@@ -1,0 +1,140 @@
+"""RAE: parity with the official stage1.RAE (every intermediate of encode, and decode), stats, noise, freezing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import sub_state_dict
+from rae_cli.checkpoint import strict_load, torch_load_weights
+from rae_cli.decoder import decoder_from_hf_config
+from rae_cli.encoders import load_encoder
+from rae_cli.rae import RAE
+
+
+def _build(parity, *, with_stats: bool = True, noise_tau: float | None = None) -> tuple[RAE, dict, dict]:
+    """The fixture's RAE, built like the official constructor from the files in official_format/."""
+    t, meta = parity("rae_encode")
+    p, derived, root = meta["rae_params"], meta["decoder_derived"], parity.root
+    encoder = load_encoder("dinov2", str(root / p["encoder_config_path"]))
+    config = json.loads((root / p["decoder_config_path"] / "config.json").read_text())
+    decoder = decoder_from_hf_config(config, latent_dim=derived["hidden_size"], patch_size=derived["patch_size"],
+                                     num_patches=derived["num_patches"])
+    strict_load(decoder, torch_load_weights(root / p["pretrained_decoder_path"]), "tiny decoder")
+    stats = torch_load_weights(root / p["normalization_stat_path"]) if with_stats else {}
+    rae = RAE(encoder, decoder, input_size=p["encoder_input_size"],
+              noise_tau=p["noise_tau"] if noise_tau is None else noise_tau,
+              latent_mean=stats.get("mean"), latent_var=stats.get("var"), eps=p["eps"])
+    return rae.eval(), t, meta
+
+
+@pytest.fixture(scope="module")
+def built(parity):
+    return _build(parity)
+
+
+def test_rae_encode_parity_all_intermediates(built):
+    rae, t, _ = built
+    seen = {}
+    hooks = [
+        rae.encoder.register_forward_pre_hook(lambda m, args: seen.__setitem__("pixels", args[0])),
+        rae.encoder.encoder.register_forward_hook(lambda m, a, out: seen.__setitem__("hidden", out.last_hidden_state)),
+        rae.encoder.register_forward_hook(lambda m, a, out: seen.__setitem__("tokens", out)),
+    ]
+    z = rae.encode(t["input.image_64"])
+    for h in hooks:
+        h.remove()
+    resized_normalized = (t["inter.image_resized_56"] - t["encoder_mean"]) / t["encoder_std"]
+    torch.testing.assert_close(seen["pixels"], resized_normalized, atol=2e-6, rtol=0)
+    torch.testing.assert_close(seen["hidden"], t["inter.encoder_last_hidden_state"], atol=2e-6, rtol=0)
+    torch.testing.assert_close(seen["tokens"], t["inter.tokens_no_cls_reg"], atol=2e-6, rtol=0)
+    torch.testing.assert_close(z, t["output.z"], atol=2e-6, rtol=0)
+    torch.testing.assert_close(rae.encode(t["input.image_56"]), t["output.z_from_56"], atol=2e-6, rtol=0)
+
+
+def test_rae_decode_parity(built):
+    rae, t, _ = built
+    with torch.no_grad():
+        x = rae.decode(t["output.z"])
+    torch.testing.assert_close(x, t["output.decode_of_z"], atol=2e-6, rtol=0)
+    with torch.no_grad():  # forward = decode(encode(x))
+        torch.testing.assert_close(rae(t["input.image_64"]), t["output.decode_of_z"], atol=1e-5, rtol=0)
+
+
+def test_rae_parity_without_stats_is_identity_normalization(parity):
+    rae, t, _ = _build(parity, with_stats=False)
+    assert not rae.has_stats
+    torch.testing.assert_close(rae.encode(t["input.image_64"]), t["inter.z_unnormalized"], atol=2e-6, rtol=0)
+
+
+def test_rae_state_dicts_parity(built):
+    rae, t, _ = built
+    torch.testing.assert_close(rae.latent_mean, t["latent_mean"], atol=0, rtol=0)
+    torch.testing.assert_close(rae.latent_var, t["latent_var"], atol=0, rtol=0)
+    sd = rae.state_dict()
+    # Stats and pixel constants are buffers but not weights: absent from every state dict.
+    assert not any(k.startswith(("latent_", "image_")) for k in sd)
+    expected = {f"encoder.{k}" for k in rae.encoder.state_dict()} | {f"decoder.{k}" for k in rae.decoder.state_dict()}
+    assert set(sd) == expected
+    official_encoder = sub_state_dict(t, "encoder_state_dict.")
+    ours = sub_state_dict(rae.encoder.official_state_dict(), "encoder.")
+    assert set(ours) == set(official_encoder)
+    assert all(torch.equal(ours[k], official_encoder[k]) for k in official_encoder)
+    official_decoder = sub_state_dict(t, "decoder_state_dict.")
+    assert set(rae.decoder.state_dict()) == set(official_decoder)
+    assert all(torch.equal(rae.decoder.state_dict()[k], v) for k, v in official_decoder.items())
+
+
+def test_noise_only_in_training_uniform_sigma_per_sample(parity):
+    rae, t, _ = _build(parity, with_stats=False, noise_tau=0.8)
+    x = t["input.image_64"]
+    clean = rae.encode(x)
+    rae.train()
+    assert rae.decoder.training and not rae.encoder.training  # the frozen encoder never trains
+    noisy = rae.encode(x, generator=torch.Generator().manual_seed(3))
+    again = rae.encode(x, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(noisy, again)  # reproducible from the generator
+
+    g = torch.Generator().manual_seed(3)  # the official draw order: σ = τ·U(0,1) per sample, then ε ~ N(0, I)
+    sigma = 0.8 * torch.rand(2, 1, 1, generator=g)
+    eps = torch.randn(2, 16, 32, generator=g)  # (B, N, C) tokens
+    expected = clean + (sigma * eps).transpose(1, 2).reshape(clean.shape)
+    torch.testing.assert_close(noisy, expected, atol=1e-5, rtol=0)
+
+    rae.noise_tau = 0.0
+    torch.testing.assert_close(rae.encode(x), clean, atol=1e-6, rtol=0)
+
+
+def test_gradients_reach_decoder_only(built):
+    rae, t, _ = built
+    rae.train()
+    try:
+        recon = rae(t["input.image_64"])
+        (recon - t["input.image_64"][..., :32, :32]).abs().mean().backward()
+        assert all(p.grad is None for p in rae.encoder.parameters())
+        assert rae.decoder.decoder_pred.weight.grad is not None
+    finally:
+        rae.decoder.zero_grad(set_to_none=True)
+        rae.eval()
+
+
+def test_stats_shape_and_missing_entries(built):
+    rae, t, _ = built
+    with pytest.raises(ValueError, match="latent shape"):
+        rae.set_latent_stats(torch.zeros(3, 4, 4), None)
+    mean_only = RAE(rae.encoder, rae.decoder, input_size=rae.input_size, latent_mean=t["latent_mean"])
+    assert torch.equal(mean_only.latent_var, torch.ones_like(t["latent_mean"]))  # official: missing var = 1
+
+
+def test_from_encoder_and_input_checks(built):
+    rae, _, _ = built
+    fresh = RAE.from_encoder(rae.encoder, input_size=56, decoder_size="ViT-B", decoder_patch_size=8)
+    assert fresh.latent_shape == (32, 4, 4)
+    assert fresh.decoder.num_patches == 16 and fresh.decoder.hidden_size == 768
+    assert fresh.image_size == 32 and fresh.has_stats is False
+    with pytest.raises(ValueError, match="images"):
+        rae.encode(torch.zeros(1, 1, 56, 56))
+    with pytest.raises(ValueError, match="multiple"):
+        RAE(rae.encoder, rae.decoder, input_size=50)
