@@ -213,10 +213,19 @@ def resolve(cls: type[T], preset: str | None = None, overrides: Sequence[str] = 
         obj = OmegaConf.to_object(structured)
     except OmegaConfBaseException as e:
         raise ConfigError(f"invalid config value: {e}".splitlines()[0]) from e
+    _validate_tree(obj)
+    return obj  # type: ignore[return-value]
+
+
+def _validate_tree(obj: Any) -> None:
+    """Call ``validate()`` on every (nested) dataclass section, innermost first."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _validate_tree(value)
     validate = getattr(obj, "validate", None)
     if callable(validate):
         validate()
-    return obj  # type: ignore[return-value]
 
 
 def to_dict(cfg: Any) -> dict:

@@ -95,3 +95,55 @@ class ReconConfig:
             raise ConfigError(f"crop must be adm or resize, not {self.crop!r}")
         if self.batch_size < 1 or self.grid_images < 0:
             raise ConfigError("batch_size must be ≥ 1 and grid_images ≥ 0")
+
+
+@dataclass
+class DiTConfig:
+    """A stage-2 diffusion transformer from the registry (spec §3), with optional size overrides."""
+
+    preset_kind: ClassVar[str] = "dit"
+
+    name: str = doc("Registry name: DiT-S/B/L/XL (LightningDiT) or DiT-DH-S/B/L/XL (DiT + wide shallow head).",
+                    "DiT-DH-XL")
+    hidden_size: Optional[Any] = doc("Override width: an int (DiT) or [body, head] (DiT-DH).", None)
+    depth: Optional[Any] = doc("Override depth: an int (DiT) or [body, head] (DiT-DH).", None)
+    num_heads: Optional[Any] = doc("Override heads: an int (DiT) or [body, head] (DiT-DH).", None)
+    patch_size: int = doc("Latent patch size (1 in every paper config).", 1)
+    mlp_ratio: float = doc("MLP expansion ratio.", 4.0)
+    class_dropout_prob: float = doc("Label dropout for classifier-free guidance (paper: 0.1).", 0.1)
+    learn_pos_embed: bool = doc("Trainable absolute position embedding (probe models; paper: frozen sin-cos).", False)
+    final_norm: bool = doc("Norm before the final layer (paper: true).", True)
+    allow_narrow: bool = doc("Build even if width < latent channels (Theorem 1: the loss cannot reach 0).", False)
+    grad_checkpointing: bool = doc("Activation checkpointing per block (saves memory, ~30% slower).", False)
+
+
+@dataclass
+class FlowConfig:
+    """Flow matching (spec §4): linear path, t=0 data, t=1 noise, velocity target, shifted time."""
+
+    preset_kind: ClassVar[str] = "flow"
+
+    time_dist: str = doc("Training time distribution: uniform or logit-normal.", "logit-normal")
+    logit_mu: float = doc("Logit-normal location μ.", 0.0)
+    logit_sigma: float = doc("Logit-normal scale σ.", 1.0)
+    t0: float = doc("Smallest training time.", 0.0)
+    t1: float = doc("Largest training time (official: 1 − 1/1000).", 0.999)
+    shift: Optional[float] = doc("Time shift s in s·t/(1+(s−1)·t); null = sqrt(C·h·w / shift_base) from the latent "
+                                 "shape. Tiny, redundant latents need s ≥ 1 (see README).", None)
+    shift_base: int = doc("Base dimension of the shift formula (paper: 4096).", 4096)
+
+    def validate(self) -> None:
+        if self.time_dist not in ("uniform", "logit-normal"):
+            raise ConfigError(f"flow.time_dist must be uniform or logit-normal, not {self.time_dist!r}")
+        if not 0.0 <= self.t0 < self.t1 <= 1.0:
+            raise ConfigError("flow needs 0 ≤ t0 < t1 ≤ 1")
+        if self.shift is not None and self.shift <= 0:
+            raise ConfigError("flow.shift must be > 0")
+
+    def resolved_shift(self, latent_shape) -> float:
+        """The shift actually used: the override, or sqrt(prod(latent_shape) / shift_base)."""
+        import math
+
+        if self.shift is not None:
+            return float(self.shift)
+        return math.sqrt(math.prod(int(d) for d in latent_shape) / self.shift_base)

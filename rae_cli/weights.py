@@ -23,12 +23,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from rae_cli.errors import RaeError
+
 log = logging.getLogger(__name__)
 
 RAE_COLLECTIONS_REPO = "nyu-visionx/RAE-collections"
 
 
-class WeightsNotFoundError(RuntimeError):
+class WeightsNotFoundError(RaeError, RuntimeError):
     """Pretrained weights are not available locally (and could not, or may not, be downloaded)."""
 
 

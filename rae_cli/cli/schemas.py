@@ -11,8 +11,6 @@ class _Lazy(dict):
 
 _TABLE = {
     "rae": "rae_cli.schema:RAEConfig",
-    "encode": "rae_cli.schema:EncodeConfig",
-    "recon": "rae_cli.schema:ReconConfig",
 }
 
 

@@ -1,0 +1,148 @@
+"""Builders: config sections → ready modules with weights and statistics loaded (the only place that does I/O for models).
+
+``build_rae`` resolves encoder/decoder/stats sources (local paths, released artifact names, HF ids) and loads them
+strictly; ``build_dit_model`` turns a :class:`DiTConfig` and a latent shape into a registry model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from rae_cli.config import ConfigError, presets_root
+from rae_cli.schema import DiTConfig, RAEConfig
+
+log = logging.getLogger(__name__)
+
+
+def resolve_source(source: str | None) -> str | None:
+    """``presets:<rel>`` → a path inside the shipped presets folder; anything else unchanged."""
+    if source and source.startswith("presets:"):
+        return str(presets_root() / source[len("presets:"):])
+    return source
+
+
+def resolve_weights_path(value: str | None) -> Path | None:
+    """A local file path, or a released-artifact name looked up in the one weights location (``rae_cli.weights``)."""
+    if value is None:
+        return None
+    value = resolve_source(value)
+    p = Path(value).expanduser()
+    if p.exists() or "/" in value or p.suffix in (".pt", ".pth", ".safetensors", ".bin"):
+        if not p.exists():
+            from rae_cli.errors import DataError
+
+            raise DataError(f"weights file not found: {p}")
+        return p
+    from rae_cli import weights
+
+    return weights.resolve(value)
+
+
+def device_of(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_encoder(cfg: RAEConfig):
+    from rae_cli.encoders import load_encoder
+
+    return load_encoder(cfg.encoder, resolve_source(cfg.encoder_source), random_init=cfg.encoder_random_init,
+                        seed=cfg.seed, **dict(cfg.encoder_options))
+
+
+def decoder_arch(cfg: RAEConfig, latent_dim: int, num_patches: int) -> dict:
+    """Decoder constructor arguments from the config (named size, custom, or an official config.json)."""
+    from rae_cli.decoder import DECODER_SIZES
+
+    if cfg.decoder == "custom":
+        hidden, depth, heads, inter = (cfg.decoder_hidden_size, cfg.decoder_depth, cfg.decoder_heads,
+                                       cfg.decoder_intermediate_size)
+    elif cfg.decoder in DECODER_SIZES:
+        hidden, depth, heads, inter = DECODER_SIZES[cfg.decoder]
+    else:
+        import json
+
+        path = Path(resolve_source(cfg.decoder))
+        path = path / "config.json" if path.is_dir() else path
+        if not path.is_file():
+            raise ConfigError(f"rae.decoder={cfg.decoder!r} is neither a size ({', '.join(DECODER_SIZES)}, custom) "
+                              "nor an official decoder config.json")
+        js = json.loads(path.read_text())
+        hidden, depth, heads, inter = (js["decoder_hidden_size"], js["decoder_num_hidden_layers"],
+                                       js["decoder_num_attention_heads"], js["decoder_intermediate_size"])
+    return dict(latent_dim=latent_dim, hidden_size=hidden, depth=depth, num_heads=heads, intermediate_size=inter,
+                patch_size=cfg.decoder_patch_size, num_patches=num_patches)
+
+
+def build_rae(cfg: RAEConfig, device: str | torch.device = "cpu", decoder_weights: bool = True):
+    """The RAE of ``cfg``: encoder (frozen), decoder (weights if given), latent statistics (if given)."""
+    from rae_cli.decoder import ViTDecoder
+    from rae_cli.rae import RAE
+
+    encoder = build_encoder(cfg)
+    grid = cfg.encoder_input_size // encoder.patch_size
+    if grid * encoder.patch_size != cfg.encoder_input_size:
+        raise ConfigError(f"rae.encoder_input_size={cfg.encoder_input_size} is not a multiple of the encoder patch "
+                          f"size {encoder.patch_size}")
+    arch = decoder_arch(cfg, encoder.hidden_size, grid * grid)
+    torch.manual_seed(cfg.seed)
+    decoder = ViTDecoder(**arch)
+    if decoder_weights and cfg.decoder_weights:
+        load_decoder_weights(decoder, resolve_weights_path(cfg.decoder_weights))
+    mean = var = None
+    if cfg.stats:
+        from rae_cli.latent_stats import load_stats
+
+        mean, var = load_stats(resolve_weights_path(cfg.stats))
+    rae = RAE(encoder, decoder, input_size=cfg.encoder_input_size, noise_tau=cfg.noise_tau,
+              latent_mean=mean, latent_var=var, eps=cfg.eps)
+    if mean is not None and tuple(mean.shape) != tuple(rae.latent_shape):
+        raise ConfigError(f"latent statistics {cfg.stats} have shape {tuple(mean.shape)} but this autoencoder "
+                          f"makes latents of shape {tuple(rae.latent_shape)}; use the stats made for this preset")
+    return rae.to(device)
+
+
+def load_decoder_weights(decoder: torch.nn.Module, path: Path) -> None:
+    """Our decoder .safetensors or an official ``model.pt`` (raw state dict), loaded strictly."""
+    from rae_cli.checkpoint import load_safetensors, strict_load
+    from rae_cli.official import load_official_decoder_state_dict
+
+    if path.suffix == ".safetensors":
+        sd, _ = load_safetensors(path)
+    else:
+        sd = load_official_decoder_state_dict(path)
+    strict_load(decoder, sd, what=f"decoder weights {path}")
+
+
+def image_size_of(cfg: RAEConfig, patch_size_of_encoder: int) -> int:
+    """Output image side: decoder patch × latent grid side."""
+    return cfg.decoder_patch_size * (cfg.encoder_input_size // patch_size_of_encoder)
+
+
+def build_dit_model(cfg: DiTConfig, latent_shape: Sequence[int], num_classes: int) -> torch.nn.Module:
+    """A registry DiT/DiT-DH for latents of shape (C, h, w); refuses width < C unless ``allow_narrow`` (Theorem 1)."""
+    from rae_cli.dit import build_dit
+
+    c, h, w = (int(d) for d in latent_shape)
+    if h != w:
+        raise ConfigError(f"latents must be square, got {h}×{w}")
+    overrides = {k: getattr(cfg, k) for k in ("hidden_size", "depth", "num_heads") if getattr(cfg, k) is not None}
+    try:
+        model = build_dit(cfg.name, input_size=h, in_channels=c, num_classes=num_classes, patch_size=cfg.patch_size,
+                          mlp_ratio=cfg.mlp_ratio, class_dropout_prob=cfg.class_dropout_prob,
+                          learn_pos_embed=cfg.learn_pos_embed, final_norm=cfg.final_norm,
+                          allow_narrow=cfg.allow_narrow, **overrides)
+    except ValueError as e:  # unknown name, width rule (Theorem 1), inconsistent sizes
+        raise ConfigError(f"dit: {e}") from e
+    model.grad_checkpointing = cfg.grad_checkpointing
+    return model
+
+
+def latent_dim(latent_shape: Sequence[int]) -> int:
+    return math.prod(int(d) for d in latent_shape)
