@@ -142,6 +142,52 @@ class RandomConvFeatureExtractor(nn.Module):
         return {"pool": pool, "logits": self.head(pool)}  # logits (B, num_classes)
 
 
+class EfficientNetLite0FeatureExtractor(nn.Module):
+    """Pretrained ImageNet EfficientNet-Lite0 (weights ship with a pip package, so it works offline).
+
+    Not Inception: its Fréchet distance is **not FID** and is not comparable with published numbers. It is a real,
+    pretrained feature space for small offline checks (the quickstart): images are resized (bilinear, antialias) to
+    ``image_size``, ImageNet-normalised, and the 1280-d globally pooled pre-logit features and the 1000 logits are
+    returned.
+    """
+
+    def __init__(self, image_size: int = 128, device: str | torch.device = "cpu"):
+        super().__init__()
+        from rae_cli.encoders import IMAGENET_MEAN, IMAGENET_STD, efficientnet_lite0_classifier
+
+        self.name = f"efficientnet-lite0-imagenet(size={image_size})"
+        self.image_size = image_size
+        self.device = torch.device(device)
+        self.model = efficientnet_lite0_classifier().to(self.device).eval()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1).to(self.device))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1).to(self.device))
+
+    @torch.no_grad()
+    def features(self, images: np.ndarray) -> dict[str, torch.Tensor | None]:
+        x = _to_nchw(images, self.device).float() / 255.0  # (B, 3, H, W) in [0, 1]
+        x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True,
+                          align_corners=False)
+        feats = self.model.forward_head(self.model.forward_features((x - self.mean) / self.std), pre_logits=True)
+        return {"pool": feats.float().cpu(), "logits": self.model.get_classifier()(feats).float().cpu()}
+
+
+FEATURE_EXTRACTORS = ("inception", "efficientnet-lite0", "random-test-double")
+
+
+def get_extractor(name: str = "inception", *, device: str | torch.device = "cpu",
+                  inception_weights: str | os.PathLike | None = None) -> FeatureExtractor:
+    """A feature extractor by name: ``inception`` (FID proper), ``efficientnet-lite0`` (offline, not FID) or
+    ``random-test-double`` (tests only; logs a loud warning)."""
+    if name == "inception":
+        return InceptionFeatureExtractor(weights_path=inception_weights, device=device)
+    if name == "efficientnet-lite0":
+        return EfficientNetLite0FeatureExtractor(device=device)
+    if name == "random-test-double":
+        log.warning("TEST DOUBLE feature extractor (random CNN): the numbers are NOT FID")
+        return RandomConvFeatureExtractor()
+    raise DataError(f"unknown feature extractor {name!r}; choose one of {', '.join(FEATURE_EXTRACTORS)}")
+
+
 # ------------------------------------------------------------------------------------------ feature extraction
 
 
