@@ -138,10 +138,9 @@ def reconstruct_images(cfg: ReconConfig, input_path: str | Path, out_dir: str | 
         "per_image": per_image,
     }
     if cfg.rfid:
-        from rae_cli.fid import evaluate
+        from rae_cli.evaluate import rfid
 
-        res = evaluate(torch.cat(recons_u8).numpy(), torch.cat(originals_u8).numpy(), metrics=("fid",))
-        metrics["rfid"] = res["fid"]
+        metrics["rfid"] = rfid(torch.cat(recons_u8).numpy(), torch.cat(originals_u8).numpy(), device=str(device))
     atomic_write_json(out_dir / "metrics.json", metrics)
     save_resolved(cfg, out_dir / "config.yaml", extra={"command": "recon", "input": str(input_path)})
     return metrics

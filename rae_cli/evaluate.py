@@ -18,6 +18,8 @@ from typing import ClassVar, List, Optional
 
 from rae_cli.config import ConfigError, doc
 
+FEATURE_EXTRACTORS = ("inception", "efficientnet-lite0")  # the pretrained ones (rae_cli.fid.get_extractor)
+
 log = logging.getLogger(__name__)
 
 TEST_DOUBLE_ENV = "RAE_TEST_FEATURE_EXTRACTOR"
@@ -39,6 +41,8 @@ class EvalFIDConfig:
                              factory=lambda: ["fid", "is", "pr"])
     inception_weights: Optional[str] = doc("Path of torch-fidelity's weights-inception-2015-12-05-6726825d.pth; "
                                            "null = the torch hub cache (`rae download fid-inception`).", None)
+    features: str = doc("Feature network: inception (FID proper) or efficientnet-lite0 (pretrained, offline; its "
+                        "Fréchet distance is NOT FID and not comparable with published numbers).", "inception")
     batch_size: int = doc("Images per Inception forward pass.", 50)
     cache: bool = doc("Cache reference statistics (keyed by path, size, mtime and network).", True)
     cache_dir: Optional[str] = doc("Statistics cache folder; null = the default (fid-stats/ under $RAE_HOME, "
@@ -53,6 +57,8 @@ class EvalFIDConfig:
         bad = [m for m in self.metrics if m not in METRICS]
         if bad or not self.metrics:
             raise ConfigError(f"metrics must be a non-empty list of {', '.join(METRICS)}; got {self.metrics}")
+        if self.features not in FEATURE_EXTRACTORS:
+            raise ConfigError(f"features must be one of {', '.join(FEATURE_EXTRACTORS)}, not {self.features!r}")
         if self.batch_size < 1 or self.pr_k < 1 or self.is_splits < 1:
             raise ConfigError("batch_size, pr_k and is_splits must be ≥ 1")
 
@@ -70,8 +76,10 @@ def wants_test_double(flag: str | None = None) -> bool:
     return True
 
 
-def make_extractor(inception_weights: str | None = None, device: str = "cpu", test_double: bool | None = None):
-    """The feature network: torch-fidelity's Inception, or (tests only) the random CNN with a loud warning."""
+def make_extractor(inception_weights: str | None = None, device: str = "cpu", test_double: bool | None = None,
+                   features: str = "inception"):
+    """The feature network: torch-fidelity's Inception (or another pretrained one by name), or (tests only) the
+    random CNN with a loud warning."""
     from rae_cli import fid
 
     if test_double is None:
@@ -79,7 +87,7 @@ def make_extractor(inception_weights: str | None = None, device: str = "cpu", te
     if test_double:
         log.warning("!" * 12 + " " + TEST_DOUBLE_WARNING + " " + "!" * 12)
         return fid.RandomConvFeatureExtractor()
-    return fid.InceptionFeatureExtractor(inception_weights, device=device)
+    return fid.get_extractor(features, device=device, inception_weights=inception_weights)
 
 
 def is_test_double(extractor) -> bool:
@@ -123,7 +131,7 @@ def evaluate_fid(cfg: EvalFIDConfig, out: str | Path | None = None, *, test_doub
         raise ConfigError("fid and pr need a reference (folder, .npz or ADM reference batch); "
                           "or ask only for metrics=[is]")
     device = _device(cfg.device)
-    extractor = make_extractor(cfg.inception_weights, device, test_double)
+    extractor = make_extractor(cfg.inception_weights, device, test_double, cfg.features)
     cache_dir = (cfg.cache_dir or fid.default_cache_dir()) if cfg.cache else None
     start = time.perf_counter()
     try:
@@ -134,6 +142,8 @@ def evaluate_fid(cfg: EvalFIDConfig, out: str | Path | None = None, *, test_doub
         raise DataError(str(e)) from e
     result.update(generated=str(cfg.generated), reference=cfg.reference, seconds=time.perf_counter() - start)
     result = _mark(result, extractor)
+    if cfg.features != "inception" and not result.get("test_double"):
+        result = {"NOTE": f"Fréchet distance in {cfg.features} features: not FID", **result}
     if out is not None:
         atomic_write_json(out, result)
     return result

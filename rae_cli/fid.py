@@ -171,20 +171,17 @@ class EfficientNetLite0FeatureExtractor(nn.Module):
         return {"pool": feats.float().cpu(), "logits": self.model.get_classifier()(feats).float().cpu()}
 
 
-FEATURE_EXTRACTORS = ("inception", "efficientnet-lite0", "random-test-double")
+FEATURE_EXTRACTORS = ("inception", "efficientnet-lite0")
 
 
 def get_extractor(name: str = "inception", *, device: str | torch.device = "cpu",
                   inception_weights: str | os.PathLike | None = None) -> FeatureExtractor:
-    """A feature extractor by name: ``inception`` (FID proper), ``efficientnet-lite0`` (offline, not FID) or
-    ``random-test-double`` (tests only; logs a loud warning)."""
+    """A pretrained feature network by name: ``inception`` (FID proper) or ``efficientnet-lite0`` (offline; its
+    Fréchet distance is not FID). The random test double is chosen in :mod:`rae_cli.evaluate`, never here."""
     if name == "inception":
         return InceptionFeatureExtractor(weights_path=inception_weights, device=device)
     if name == "efficientnet-lite0":
         return EfficientNetLite0FeatureExtractor(device=device)
-    if name == "random-test-double":
-        log.warning("TEST DOUBLE feature extractor (random CNN): the numbers are NOT FID")
-        return RandomConvFeatureExtractor()
     raise DataError(f"unknown feature extractor {name!r}; choose one of {', '.join(FEATURE_EXTRACTORS)}")
 
 
