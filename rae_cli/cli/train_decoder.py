@@ -1,0 +1,60 @@
+"""``rae train-decoder`` (stage-1 training) and ``rae export-decoder`` (checkpoint → model.pt, safetensors, preset)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from rae_cli.cli.app import app
+from rae_cli.cli.common import (console, dry_run_option, handle_errors, overrides_argument, preset_option,
+                                resolve_config)
+from rae_cli.cli.schemas import register
+
+
+@app.command("train-decoder")
+@handle_errors
+def train_decoder(
+    images: Path = typer.Argument(..., help="Training image folder, searched recursively (sets data.path)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder: config.yaml, checkpoints/, metrics.jsonl, "
+                             "samples/, export/. Re-running the same command resumes."),
+    preset: str = preset_option("decoder-xl_dinov2-b", "train-decoder"),
+    dry_run: bool = dry_run_option(),
+    overrides: Optional[List[str]] = overrides_argument(),
+) -> None:
+    """Train an RAE decoder on a frozen encoder with L1 + LPIPS + GAN (paper §3); works under torchrun."""
+    from rae_cli.train_decoder import TrainDecoderConfig
+
+    cfg = resolve_config(TrainDecoderConfig, preset, [f"data.path={images.resolve()}", *(overrides or [])], dry_run)
+    from rae_cli import distributed
+    from rae_cli.train_decoder import train_decoder as run
+
+    distributed.setup_logging(distributed.init(cfg.train.device))
+    result = run(cfg=cfg, out_dir=out)
+    if result.step == result.plan.total_steps:
+        console.print(f"[green]done[/]: step {result.step}; decoder exported to {out / 'export'} "
+                      f"(rae recon --preset {out / 'export' / 'rae.yaml'} ...)")
+    else:
+        console.print(f"[yellow]stopped[/] at step {result.step} of {result.plan.total_steps}; re-run the same "
+                      "command to continue")
+    distributed.shutdown()
+
+
+@app.command("export-decoder")
+@handle_errors
+def export_decoder(
+    checkpoint: Path = typer.Argument(..., help="A train-decoder run folder, its checkpoints/ folder, or one "
+                                      "checkpoints/step-* folder (a folder with many: the newest)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Export folder (default: <run>/export)."),
+    no_ema: bool = typer.Option(False, "--no-ema", help="Export the raw decoder weights instead of the EMA."),
+) -> None:
+    """Write decoder.safetensors (ours), model.pt (official layout) and rae.yaml (an rae preset using them)."""
+    from rae_cli.train_decoder import export_trained_decoder
+
+    path = export_trained_decoder(checkpoint, out, use_ema=not no_ema)
+    console.print(f"[green]wrote[/] {path}/decoder.safetensors, model.pt, rae.yaml "
+                  f"(rae recon --preset {path / 'rae.yaml'} ...)")
+
+
+register("train-decoder", "rae_cli.train_decoder:TrainDecoderConfig")
