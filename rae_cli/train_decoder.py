@@ -124,9 +124,10 @@ class DecoderLossConfig:
     perceptual_weight: float = doc("LPIPS weight.", 1.0)
     lpips_start: float = doc("Epoch at which LPIPS joins the loss.", 0.0)
     lpips_weights: Optional[str] = doc("torchvision VGG16 weights file (vgg16-397923af.pth); null = the torch hub "
-                                       "cache (`rae download lpips-vgg`).", None)
+                                       "cache (`rae download vgg16`).", None)
     lpips_random_init: bool = doc("TEST ONLY: a random VGG16 trunk (the loss is then not perceptual).", False)
-    disc_weight: float = doc("Weight of the generator's GAN term (times the adaptive weight).", 0.75)
+    disc_weight: float = doc("Weight of the generator's GAN term (times the adaptive weight); 0 switches the GAN "
+                             "off entirely (no discriminator is built, no DINO weights needed).", 0.75)
     disc_upd_start: float = doc("Epoch at which the discriminator starts training.", 6.0)
     disc_start: float = doc("Epoch at which the generator's GAN term starts.", 8.0)
     max_d_weight: float = doc("Upper clamp of the adaptive weight ‖∇L_rec‖/‖∇L_gan‖.", 1e4)
@@ -141,6 +142,10 @@ class DecoderLossConfig:
             raise ConfigError("loss.lpips_start, disc_upd_start and disc_start are epochs ≥ 0")
         if self.perceptual_weight < 0 or self.disc_weight < 0 or self.max_d_weight < 0 or self.disc_updates < 1:
             raise ConfigError("loss weights must be ≥ 0 and loss.disc_updates ≥ 1")
+
+    @property
+    def gan_enabled(self) -> bool:
+        return self.disc_weight > 0
 
 
 @dataclass
@@ -420,12 +425,13 @@ def train_decoder(*, cfg: TrainDecoderConfig, out_dir: str | Path) -> TrainResul
     if cfg.loss.perceptual_weight > 0:  # no VGG weights needed when LPIPS is switched off
         torch.manual_seed(cfg.train.seed)  # a random-init LPIPS trunk (tests) is the same on every rank
         lpips = build_lpips(cfg.loss.lpips_weights, random_init=cfg.loss.lpips_random_init).to(device)
-    disc = build_disc(cfg.disc, cfg.train.seed).to(device)
+    gan = cfg.loss.gan_enabled
+    disc = build_disc(cfg.disc, cfg.train.seed).to(device) if gan else None
     rae = build_rae(cfg.rae, device=device)
     rae.decoder.grad_checkpointing = cfg.train.grad_checkpointing
     decoder = rae.decoder
     image_size = rae.image_size
-    if cfg.rae.encoder_random_init or cfg.disc.random_init or cfg.loss.lpips_random_init:
+    if cfg.rae.encoder_random_init or (gan and cfg.disc.random_init) or cfg.loss.lpips_random_init:
         log.warning("TEST-ONLY random-init networks in use (encoder=%s, discriminator backbone=%s, LPIPS VGG=%s): "
                     "this run does not train a usable decoder", cfg.rae.encoder_random_init, cfg.disc.random_init,
                     cfg.loss.lpips_random_init)
@@ -433,7 +439,7 @@ def train_decoder(*, cfg: TrainDecoderConfig, out_dir: str | Path) -> TrainResul
     opt_g = _adamw([p for p in decoder.parameters() if p.requires_grad], cfg.train.lr, cfg.train.betas,
                    cfg.train.weight_decay, cfg.train.adam_eps, device)
     opt_d = _adamw(list(disc.parameters()), cfg.disc.lr, cfg.disc.betas, cfg.disc.weight_decay,
-                   cfg.train.adam_eps, device)
+                   cfg.train.adam_eps, device) if gan else None
     fp16 = cfg.train.precision == "fp16"
     scaler_g = torch.amp.GradScaler(device.type, enabled=fp16)  # one per optimizer (official: shared, §10.1 #9)
     scaler_d = torch.amp.GradScaler(device.type, enabled=fp16)
@@ -452,7 +458,8 @@ def train_decoder(*, cfg: TrainDecoderConfig, out_dir: str | Path) -> TrainResul
     rae_model, disc_model = rae, disc
     if dist.enabled:
         rae_model = _ddp(rae, device, sync_buffers=False)  # only the decoder has trainable params; no buffer changes
-        disc_model = _ddp(disc, device, sync_buffers=True)  # D gradients are all-reduced (official: not, §10.1 #8)
+        if gan:  # D gradients are all-reduced (official: not, §10.1 #8)
+            disc_model = _ddp(disc, device, sync_buffers=True)
 
     schedule = GanSchedule(cfg.loss.lpips_start, cfg.loss.disc_upd_start, cfg.loss.disc_start, plan.steps_per_epoch)
     diffaug = DiffAug(cfg.disc.aug_prob, cfg.disc.aug_cutout, cfg.disc.aug_translation)
@@ -499,7 +506,7 @@ def train_decoder(*, cfg: TrainDecoderConfig, out_dir: str | Path) -> TrainResul
             _set_lr(opt_g, lr_g)
             stats = ctx.generator_step(images, step, opt_g, scaler_g)
             ema.update(decoder)
-            if schedule.update_disc(step):
+            if gan and schedule.update_disc(step):
                 for u in range(cfg.loss.disc_updates):
                     d_step = (step - schedule.disc_update_start_step) * cfg.loss.disc_updates + u
                     # The disc schedule advances only while D trains (official behaviour, spec §2.3).
@@ -569,11 +576,12 @@ class _StepContext:
         from rae_cli.gan_losses import adaptive_weight, vanilla_g_loss
 
         cfg, sched = self.cfg.loss, self.schedule
-        use_lpips, use_gan = sched.use_lpips(step), sched.use_gan(step)
+        use_lpips, use_gan = sched.use_lpips(step), cfg.gan_enabled and sched.use_gan(step)
         last_layer = self.rae.decoder.decoder_pred.weight
         # The bare discriminator, frozen and in eval mode: gradients reach the fakes only, so the G step neither
         # fills D's .grad nor triggers D's all-reduce (official: it runs through the DDP wrapper, spec §10.1 #8).
-        self.disc.eval().requires_grad_(False)
+        if self.disc is not None:
+            self.disc.eval().requires_grad_(False)
         out: dict[str, float] = {}
         accum = len(images)
         for m, x in enumerate(images):
@@ -602,7 +610,8 @@ class _StepContext:
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
-        self.disc.requires_grad_(True)
+        if self.disc is not None:
+            self.disc.requires_grad_(True)
         return out
 
     def disc_step(self, images: list[torch.Tensor], step: int, update: int, opt: torch.optim.Optimizer,
@@ -701,9 +710,11 @@ def _save_checkpoint(cfg, root: Path, step: int, plan: Plan, dist, *, decoder, e
     if dist.is_main:
         run_dir.save_checkpoint(
             root, step,
-            weights={"decoder": decoder.state_dict(), "ema": ema.state_dict(), "disc": disc.state_dict()},
-            resume_state={"step": step, "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-                          "scaler_g": scaler_g.state_dict(), "scaler_d": scaler_d.state_dict()},
+            weights={"decoder": decoder.state_dict(), "ema": ema.state_dict(),
+                     **({"disc": disc.state_dict()} if disc is not None else {})},
+            resume_state={"step": step, "opt_g": opt_g.state_dict(), "scaler_g": scaler_g.state_dict(),
+                          "scaler_d": scaler_d.state_dict(),
+                          **({"opt_d": opt_d.state_dict()} if opt_d is not None else {})},
             config=cfg,
             meta={"kind": RUN_KIND, "num_train": plan.num_train, "steps_per_epoch": plan.steps_per_epoch,
                   "total_steps": plan.total_steps, "world_size": dist.world_size, "decoder_arch": decoder.arch(),
@@ -724,10 +735,11 @@ def _load_checkpoint(ckpt, plan: Plan, *, decoder, ema, disc, opt_g, opt_d, scal
                                   f"{getattr(plan, key)}: the image folder or batch settings changed since")
     strict_load(decoder, ckpt.weights("decoder"), f"{ckpt.path}/decoder.safetensors")
     ema.load_state_dict(ckpt.weights("ema"), f"{ckpt.path}/ema.safetensors")
-    strict_load(disc, ckpt.weights("disc"), f"{ckpt.path}/disc.safetensors")
     state = ckpt.resume_state()
+    if disc is not None:
+        strict_load(disc, ckpt.weights("disc"), f"{ckpt.path}/disc.safetensors")
+        opt_d.load_state_dict(state["opt_d"])
     opt_g.load_state_dict(state["opt_g"])
-    opt_d.load_state_dict(state["opt_d"])
     scaler_g.load_state_dict(state["scaler_g"])
     scaler_d.load_state_dict(state["scaler_d"])
     return int(state["step"])
