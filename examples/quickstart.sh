@@ -52,7 +52,9 @@ stage sample        rae sample -p quickstart --out "$OUT/samples" checkpoint="$O
 stage evaluate      rae eval-digits "$OUT/samples" --real "$OUT/data/test" --real-train "$OUT/data/train" \
                       --recon-metrics "$OUT/recon/metrics.json" --out "$OUT/metrics.json" \
                       --grid "$OUT/samples_by_class.png"
-cp "$OUT/recon/grid.png" "$OUT/recon_grid.png"
+# The recon grid at 3× (nearest) so the 32² digits can be seen.
+python -c "import sys; from PIL import Image; im = Image.open(sys.argv[1]); im.resize((im.width * 3, im.height * 3), Image.NEAREST).save(sys.argv[2])" \
+  "$OUT/recon/grid.png" "$OUT/recon_grid.png"
 
 python - "$OUT" <<'EOF'
 import json, sys

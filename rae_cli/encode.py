@@ -100,6 +100,9 @@ def reconstruct_images(cfg: ReconConfig, input_path: str | Path, out_dir: str | 
     recon_dir = out_dir / "recon"
     recon_dir.mkdir(parents=True, exist_ok=True)
     per_image, grid_pairs = [], []
+    # The grid shows grid_images inputs spread evenly over the whole input list (not just the first folder).
+    n_grid = min(cfg.grid_images, len(files))
+    grid_idx = {round(k * (len(files) - 1) / max(n_grid - 1, 1)) for k in range(n_grid)} if n_grid else set()
     originals_u8, recons_u8 = [], []
     progress, total = _progress(len(files), "recon")
     with progress, torch.no_grad():
@@ -116,8 +119,8 @@ def reconstruct_images(cfg: ReconConfig, input_path: str | Path, out_dir: str | 
                 name = f"{start + j:06d}_{f.stem}.png"
                 save_image(y[j], recon_dir / name)
                 per_image.append({"file": str(f), "recon": f"recon/{name}", "psnr": float(p[j]), "ssim": float(s[j])})
-            if len(grid_pairs) < cfg.grid_images:
-                for j in range(min(len(chunk), cfg.grid_images - len(grid_pairs))):
+            for j in range(len(chunk)):
+                if start + j in grid_idx:
                     grid_pairs.append((x[j].cpu(), y[j].cpu()))
             if cfg.rfid:
                 originals_u8.append(_to_uint8(x))

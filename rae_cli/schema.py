@@ -86,7 +86,8 @@ class ReconConfig:
     image_size: Optional[int] = doc("ADM center-crop size; null = the autoencoder's image size.", None)
     crop: str = doc("adm (center crop) or resize (square resize).", "adm")
     batch_size: int = doc("Images per forward pass.", 16)
-    grid_images: int = doc("How many input/reconstruction pairs go into grid.png.", 16)
+    grid_images: int = doc("How many input/reconstruction pairs go into grid.png (spread evenly over the inputs).",
+                           16)
     rfid: bool = doc("Also compute rFID (Inception features) of reconstructions vs inputs.", False)
     device: str = doc("auto, cpu or cuda.", "auto")
 
