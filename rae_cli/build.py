@@ -91,8 +91,9 @@ def build_rae(cfg: RAEConfig, device: str | torch.device = "cpu", decoder_weight
         raise ConfigError(f"rae.encoder_input_size={cfg.encoder_input_size} is not a multiple of the encoder patch "
                           f"size {encoder.patch_size}")
     arch = decoder_arch(cfg, encoder.hidden_size, grid * grid)
-    torch.manual_seed(cfg.seed)
-    decoder = ViTDecoder(**arch)
+    with torch.random.fork_rng(devices=[]):  # a seeded decoder init that leaves the caller's RNG state alone
+        torch.manual_seed(cfg.seed)
+        decoder = ViTDecoder(**arch)
     if decoder_weights and cfg.decoder_weights:
         load_decoder_weights(decoder, resolve_weights_path(cfg.decoder_weights))
     mean = var = None

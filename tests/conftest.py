@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -25,20 +24,9 @@ def parity():
         pytest.skip(f"parity fixtures not found at {root} (set RAE_PARITY_DIR)")
 
     def load(name: str):
-        from safetensors import safe_open
+        from rae_cli.checkpoint import load_safetensors
 
-        path = root / f"{name}.safetensors"
-        tensors = {}
-        with safe_open(str(path), "pt") as f:
-            meta = dict(f.metadata() or {})
-            for k in f.keys():
-                tensors[k] = f.get_tensor(k)
-        for k, v in list(meta.items()):
-            try:
-                meta[k] = json.loads(v)
-            except (json.JSONDecodeError, TypeError):
-                pass
-        return tensors, meta
+        return load_safetensors(root / f"{name}.safetensors")
 
     load.root = root
     return load
