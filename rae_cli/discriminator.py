@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.nn.utils import spectral_norm
 
 from rae_cli.checkpoint import strict_load, torch_load_weights
-from rae_cli.weights import WeightsNotFoundError, resolve
+from rae_cli.weights import resolve_path
 
 log = logging.getLogger(__name__)
 
@@ -208,14 +208,7 @@ def resolve_dino_weights(weights: str | Path | None) -> Path:
     """The DINO ViT-S/8 file: ``weights`` if given, else the ``dino-vits8`` artifact (torch hub checkpoints
     ``dino_deitsmall8_pretrain.pth``, or ``$RAE_HOME/discs/dino_vit_small_patch8_224.pth`` as the official
     config names it). Never downloads; raises ``WeightsNotFoundError``."""
-    if weights is None:
-        return resolve("dino-vits8")
-    path = Path(weights)
-    if not path.is_file():
-        raise WeightsNotFoundError(f"DINO discriminator weights not found at the given path {path}. Run "
-                                   "`rae download dino-vits8` to fetch dino_deitsmall8_pretrain.pth into the torch "
-                                   "hub checkpoints folder and leave the path unset, or give the path of that file.")
-    return path
+    return resolve_path("dino-vits8", weights, "DINO discriminator weights")
 
 
 def build_dino_discriminator(weights: str | Path | None = None, *, random_init: bool = False,

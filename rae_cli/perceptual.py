@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from rae_cli.checkpoint import strict_load, torch_load_weights
-from rae_cli.weights import WeightsNotFoundError, resolve
+from rae_cli.weights import resolve, resolve_path
 
 log = logging.getLogger(__name__)
 
@@ -25,14 +25,7 @@ _VGG_SLICE_ENDS = (4, 9, 16, 23, 30)
 def resolve_vgg16_weights(vgg_weights: str | Path | None) -> Path:
     """The torchvision VGG16 ImageNet file (``vgg16-397923af.pth``): ``vgg_weights`` if given, else the
     ``vgg16`` artifact (torch hub checkpoints folder). Never downloads; raises ``WeightsNotFoundError``."""
-    if vgg_weights is None:
-        return resolve("vgg16")
-    path = Path(vgg_weights)
-    if not path.is_file():
-        raise WeightsNotFoundError(f"LPIPS VGG16 weights not found at the given path {path}. Run "
-                                   "`rae download vgg16` to fetch vgg16-397923af.pth into the torch hub checkpoints "
-                                   "folder and leave the path unset, or give the path of that file.")
-    return path
+    return resolve_path("vgg16", vgg_weights, "LPIPS VGG16 weights")
 
 
 def vgg16_features_to_lpips(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -215,6 +215,20 @@ def resolve(name: str) -> Path:
     raise WeightsNotFoundError(_not_found_message(a, looked))
 
 
+def resolve_path(name: str, path: str | os.PathLike | None, what: str) -> Path:
+    """``path`` if given (it must be a file), else the local copy of artifact ``name``. Never downloads."""
+    if path is None:
+        return resolve(name)
+    p = Path(path)
+    if not p.is_file():
+        a = get_artifact(name)
+        file = a.hub_filename or (Path(a.filename).name if a.filename else name)
+        raise WeightsNotFoundError(f"{what} not found at the given path {p}. Run `rae download {name}` to fetch "
+                                   f"{file} into its default place and leave the path unset, or give the path of "
+                                   "that file.")
+    return p
+
+
 def download(name: str, *, force: bool = False) -> Path:
     """Fetch artifact ``name`` into its documented location and return the local path.
 
