@@ -7,13 +7,16 @@ subprocess; users never do). Its value is a comma-separated list of ``ACTION:POI
   or at the arrival whose ``step`` argument is ``N`` when the caller passes a step; without ``@N``: the first);
 - ``nan:POINT[@N]`` — :func:`nonfinite` answers True there, and the caller makes its value non-finite.
 
+Entries fire only on the first attempt of a torchrun job (``TORCHELASTIC_RESTART_COUNT`` unset or 0), so an elastic
+restart runs clean, and, when ``RAE_FAULT_INJECT_RANK`` is set, only in the process whose ``RANK`` equals it.
+
 Points used by the package (keep this list current; the fault suite names them):
 
 | point | where |
 |---|---|
 | ``checkpoint-before-rename`` | ``run_dir.save_checkpoint``: every file of the checkpoint is written, the rename is next |
-| ``train-step`` | a trainer, after the forward/backward of optimizer step ``step`` (1-based), before ``optimizer.step`` |
-| ``loss`` | a trainer's loss of optimizer step ``step`` (1-based): ``nan:`` makes it NaN |
+| ``train-step`` | a trainer, once optimizer step ``step`` (1-based) is done and before any checkpoint of it |
+| ``loss`` | a trainer's loss of optimizer step ``step`` (1-based): ``nan:`` makes it NaN before the finiteness check |
 | ``cache-shard`` | ``cache-latents``, after shard ``step`` (0-based) is written |
 | ``sample-image`` | ``rae sample``, after image ``step`` (0-based) is written |
 """
@@ -39,7 +42,10 @@ def _entries(action: str):
 
 
 def _hit(action: str, name: str, step: int | None) -> bool:
-    if ENV not in os.environ:
+    if ENV not in os.environ or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return False
+    only = os.environ.get("RAE_FAULT_INJECT_RANK")
+    if only is not None and only != os.environ.get("RANK", "0"):
         return False
     _arrivals[(action, name)] += 1
     for point, n in _entries(action):

@@ -34,6 +34,7 @@ from typing import ClassVar, Optional, Sequence
 import numpy as np
 import torch
 
+from rae_cli import faults
 from rae_cli.config import ConfigError, doc
 from rae_cli.errors import DataError
 from rae_cli.schema import RAEConfig
@@ -230,6 +231,7 @@ def cache_latents(cfg: CacheLatentsConfig, images: str | Path, out_dir: str | Pa
                                          progress, task)
             save_safetensors(out / shard_name(s), tensors,
                              metadata={"shard": s, "images": len(idx) - len(bad), "bad": bad})
+            faults.point("cache-shard", s)
     distributed.barrier(dist)
     latent_shape = tuple(rae.latent_shape)
     del rae

@@ -31,6 +31,7 @@ from typing import Any, Mapping
 
 import torch
 
+from rae_cli import faults
 from rae_cli.checkpoint import (CheckpointError, atomic_write_json, atomic_write_text, load_safetensors,
                                 save_safetensors, save_torch_atomic, torch_load_weights)
 
@@ -132,6 +133,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, *, weights: Mapping[str,
         info = {"format": CHECKPOINT_FORMAT, "step": int(step), "rae_version": __version__,
                 "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "weights": sorted(weights), **dict(meta or {})}
         atomic_write_json(tmp / META_FILE, info)  # last: a folder with meta.json is complete
+        faults.point("checkpoint-before-rename")
         if final.exists():
             old = root / f".old-{final.name}-{os.getpid()}"
             os.replace(final, old)

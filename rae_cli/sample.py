@@ -24,6 +24,7 @@ from typing import Any, ClassVar, List, Optional
 
 import torch
 
+from rae_cli import faults
 from rae_cli.config import ConfigError, doc
 from rae_cli.schema import DiTConfig, FlowConfig, RAEConfig
 
@@ -433,12 +434,14 @@ def _generate(sampling: Sampling, rae, indices: list[int], labels: torch.Tensor,
             if rae is None:
                 for j, i in enumerate(chunk):
                     save_safetensors(latent_path(out_dir, i), {"latent": z[j]}, {"label": int(labels[i])})
+                    faults.point("sample-image", i)
             else:
                 with torch.autocast(sampling.device.type, dtype=torch.bfloat16, enabled=bf16):
                     images = rae.decode(z)  # de-normalises with the RAE's statistics; (B, 3, H, W)
                 pixels = to_uint8(images.float().clamp(0, 1))  # (B, H, W, 3) uint8, truncated
                 for j, i in enumerate(chunk):
                     save_image_folder(pixels[j:j + 1], out_dir / IMAGES_DIR, start_index=i)
+                    faults.point("sample-image", i)
             bar.advance(len(chunk))
 
 

@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Iterator, List, Optional, Sequence
 import numpy as np
 import torch
 
+from rae_cli import faults
 from rae_cli.config import ConfigError, doc
 from rae_cli.errors import DataError, RaeError
 from rae_cli.schema import RAEConfig
@@ -515,6 +516,7 @@ def train_decoder(*, cfg: TrainDecoderConfig, out_dir: str | Path) -> TrainResul
                 stats["lr_d"] = opt_d.param_groups[0]["lr"]
             stats["lr"] = lr_g
             step += 1
+            faults.point("train-step", step)
             progress.advance(task)
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + float(v)

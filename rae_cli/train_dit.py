@@ -297,7 +297,8 @@ def noise_for(cfg: TrainDiTConfig, step: int, positions: torch.Tensor, latent_sh
 
 
 def train_step(*, model_fn, raw_model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema, micro_batches,
-               lr: float, clip_grad: float | None, precision: str, no_sync=None, dist=None) -> tuple[float, float]:
+               lr: float, clip_grad: float | None, precision: str, no_sync=None, dist=None,
+               step: int | None = None) -> tuple[float, float]:
     """One optimizer step over this process's ``micro_batches`` [(z, y, t, noise, drop_ids or None)].
 
     Each micro-batch loss is its per-sample mean divided by the number of micro-batches, so the accumulated
@@ -306,6 +307,7 @@ def train_step(*, model_fn, raw_model: torch.nn.Module, optimizer: torch.optim.O
     Before stepping, a NaN/Inf loss or gradient norm raises :class:`NonFiniteError` (same decision on every
     rank: the loss is all-reduced and the norm is of all-reduced gradients). Returns (mean loss, grad norm).
     """
+    from rae_cli import faults
     from rae_cli.distributed import all_reduce_mean
     from rae_cli.flow import training_loss
 
@@ -321,6 +323,8 @@ def train_step(*, model_fn, raw_model: torch.nn.Module, optimizer: torch.optim.O
                 loss = training_loss(model_fn, z, kwargs, t=t, noise=noise).mean() / accum  # fp32
             loss.backward()
         loss_sum += loss.detach()
+    if faults.nonfinite("loss", step):
+        loss_sum = loss_sum * float("nan")
     params = [p for p in raw_model.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad is not None else float("inf"))
     values = torch.stack([loss_sum, grad_norm.to(loss_sum)])
@@ -529,7 +533,7 @@ def train_dit(*, cfg: TrainDiTConfig, out_dir: str | Path) -> Path:
 def _train(cfg: TrainDiTConfig, out: Path, dist) -> Path:
     from torch.nn.parallel import DistributedDataParallel
 
-    from rae_cli import distributed
+    from rae_cli import distributed, faults
     from rae_cli.config import save_resolved, to_dict
     from rae_cli.ema import EMA
     from rae_cli.checkpoint import strict_load
@@ -616,7 +620,7 @@ def _train(cfg: TrainDiTConfig, out: Path, dist) -> Path:
                     loss, gnorm = train_step(model_fn=model_fn, raw_model=model, optimizer=optimizer, ema=ema,
                                              micro_batches=micro_batches, lr=lr, clip_grad=cfg.optim.clip_grad,
                                              precision=cfg.precision, no_sync=ddp.no_sync if ddp else None,
-                                             dist=dist)
+                                             dist=dist, step=step + 1)
                 except NonFiniteError as e:
                     where = (f"the last good checkpoint is {ckroot / checkpoint_name(saved_step)} (step {saved_step}); "
                              "it is kept" if saved_step is not None else "no checkpoint had been saved yet")
@@ -626,6 +630,7 @@ def _train(cfg: TrainDiTConfig, out: Path, dist) -> Path:
                         "use precision=fp32, then re-run the same command to resume from the last checkpoint."
                     ) from None
                 done = step + 1
+                faults.point("train-step", done)
                 window_loss += loss
                 window_steps += 1
                 progress.update(task, completed=done, info=f"loss {loss:.4f} lr {lr:.2e}")
