@@ -79,12 +79,20 @@ def scan_image_folder(root: str | Path) -> LabeledImages:
 
 def open_rgb(path: str | Path):
     """Decode an image file to an RGB PIL image, or raise DataError naming the file."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
+        with warnings.catch_warnings():
+            # An image over PIL's pixel limit is refused, not decoded (a "decompression bomb": a small file whose
+            # header claims e.g. 60000×60000); the warning PIL gives below twice the limit counts as refused too.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                return im.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(f"cannot read image {path}: too many pixels, refused as a decompression bomb ({e})") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"cannot read image {path}: {e}") from e
 

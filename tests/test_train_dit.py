@@ -84,18 +84,34 @@ def test_checkpointing_workers_and_bf16_variants(cache, tmp_path):
     assert bf16 == pytest.approx(losses(tmp_path / "a"), rel=0.05)  # same draws, bf16 matmuls
 
 
-def test_nan_guard_stops_and_keeps_last_good_checkpoint(cache, tmp_path):
+def test_nan_guard_stops_and_keeps_last_good_checkpoint(cache, tmp_path, monkeypatch):
     out = tmp_path / "nan"
-    good = run(cache, out, "max_steps=2", "ckpt_every_steps=2")
-    before = load_file(str(good / "model.safetensors"))
-    # lr = 1e30 from step 3 on: step 3's update blows the weights up, step 4's loss is not finite.
-    with pytest.raises(NonFiniteError, match=r"step 4: the loss is .*\(step 2\); it is kept"):
-        run(cache, out, "max_steps=6", "ckpt_every_steps=2", "optim.lr=1e30", "schedule.kind=constant")
+    monkeypatch.setenv("RAE_FAULT_INJECT", "nan:loss@4")  # step 4's loss is NaN (before its optimizer step)
+    with pytest.raises(NonFiniteError, match=r"step 4: the loss is nan.*\(step 2\); it is kept"):
+        run(cache, out, "max_steps=6", "ckpt_every_steps=2")
     ckpts = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
     assert ckpts == ["step-000000002"]
-    after = load_file(str(good / "model.safetensors"))
-    assert all(torch.equal(before[k], after[k]) for k in before)
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    monkeypatch.delenv("RAE_FAULT_INJECT")
+    good = load_file(str(out / "checkpoints/step-000000002/model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in good.values())
+    final = run(cache, out, "max_steps=6", "ckpt_every_steps=2")  # the same command resumes from step 2
+    assert final.name == "step-000000006"
+
+
+def test_a_non_finite_state_is_never_saved(cache, tmp_path, monkeypatch):
+    # A blow-up that reaches the weights while the step's loss was still finite (caught one step late before):
+    # the check before the save stops the run and keeps step 2 as the last good checkpoint.
+    out = tmp_path / "w"
+    monkeypatch.setenv("RAE_FAULT_INJECT", "nan:weights@4")
+    with pytest.raises(NonFiniteError, match=r"step 4: the weights about to be saved are not finite.*\(step 2\)"):
+        run(cache, out, "max_steps=6", "ckpt_every_steps=2")
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-000000002"]
+    monkeypatch.delenv("RAE_FAULT_INJECT")
+    # For real: lr = 1e39 overflows the first AdamW update to ±inf, while the first loss is finite.
+    with pytest.raises(NonFiniteError, match=r"step 1: the weights .* not finite .*no checkpoint had been saved"):
+        run(cache, tmp_path / "lr", "max_steps=2", "ckpt_every_steps=1", "optim.lr=1e39", "schedule.kind=constant")
+    assert not list((tmp_path / "lr" / "checkpoints").glob("step-*"))
 
 
 def test_checkpoint_folder_is_self_describing(cache, tmp_path):
@@ -105,12 +121,15 @@ def test_checkpoint_folder_is_self_describing(cache, tmp_path):
     model, cfg = load_trained_dit(tmp_path / "s")
     assert cfg.num_classes == 4 and cfg.latent_shape == [32, 4, 4]
     assert cfg.flow.shift == 1.0
-    assert Path(cfg.rae.stats) == (cache / "stats.safetensors").resolve()  # the stats actually used
+    assert Path(cfg.rae.stats) == ck / "latent_stats.safetensors"  # the run's own copy of the stats it used
+    assert load_file(str(ck / "latent_stats.safetensors")).keys() == load_file(str(cache / "stats.safetensors")).keys()
     ema = load_file(str(ck / "ema.safetensors"))
     assert ema.keys() == model.state_dict().keys()  # the model's own (official) key names
     assert "t_embedder.W" in ema and "enc_feat_rope.freqs_cos" in ema
     meta = json.loads((ck / "meta.json").read_text())
     assert meta["step"] == 1 and meta["classes"] == ["c0", "c1", "c2", "c3"]
+    assert meta["latent_stats"]["source"] == str((cache / "stats.safetensors").resolve())
+    assert len(meta["latent_stats"]["sha256"]) == 64 and meta["rae_identity"]["latent_shape"] == [32, 4, 4]
     assert (tmp_path / "s/checkpoints/latest").read_text().strip() == ck.name
 
 

@@ -1,0 +1,69 @@
+"""What every training loop sets up the same way: processes, precision, gradient accumulation and a progress bar.
+
+One code path for 1 or N processes (torchrun detected from the environment, :mod:`rae_cli.distributed`); the
+process group is always torn down, whatever the loop raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@contextlib.contextmanager
+def distributed_session(device: str) -> Iterator:
+    """``with distributed_session(cfg.device) as dist:`` — init torch.distributed (under torchrun), always shut down."""
+    from rae_cli import distributed
+
+    try:
+        yield distributed.init(device)
+    finally:
+        distributed.shutdown()
+
+
+def setup_precision(device: torch.device, *, tf32: bool = True) -> None:
+    """TF32 matmuls/convolutions on NVIDIA GPUs (both trainers; no effect on the CPU)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
+def autocast(device: torch.device, precision: str):
+    """The forward-pass context of ``precision``: fp32 (off), bf16 or fp16 autocast."""
+    dtype = PRECISIONS[precision]
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """One per optimizer (sharing one between G and D lets D's overflow skip G's steps, spec §10.1 #9).
+
+    Enabled for fp16 only; a disabled scaler is a pass-through, so loops call it unconditionally."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def maybe_compile(module, enabled: bool):
+    """``torch.compile(module)`` when asked for; the caller keeps the bare module for saving and the EMA."""
+    return torch.compile(module) if enabled else module
+
+
+def accumulation_context(model, *, last: bool, distributed: bool):
+    """Inside a step's micro-batch loop: skip the DDP all-reduce on all but the last micro-batch (``no_sync``)."""
+    if distributed and not last and hasattr(model, "no_sync"):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def progress_bar(label: str, enabled: bool, info: bool = True):
+    """The one training progress bar (rank 0): ``label``, bar, n/total, an info field, time remaining.
+
+    ``progress.add_task(label, total=..., completed=..., info="")``; ``disable`` on other ranks."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn()]
+    if info:
+        columns.append(TextColumn("{task.fields[info]}"))
+    return Progress(*columns, TimeRemainingColumn(), disable=not enabled)
