@@ -27,10 +27,15 @@ def train_decoder(
     from rae_cli.train_decoder import TrainDecoderConfig
 
     cfg = resolve_config(TrainDecoderConfig, preset, [f"data.path={images.resolve()}", *(overrides or [])], dry_run)
-    from rae_cli import distributed
+    import logging
+    import os
+
+    from rae_cli.distributed import Dist, setup_logging
     from rae_cli.train_decoder import train_decoder as run
 
-    distributed.setup_logging(distributed.init(cfg.train.device))
+    # Logging by rank from torchrun's environment; the library owns the process group (init/teardown in try/finally).
+    setup_logging(Dist(rank=int(os.environ.get("RANK", "0")), world_size=int(os.environ.get("WORLD_SIZE", "1"))),
+                  level=logging.INFO)
     result = run(cfg=cfg, out_dir=out)
     if result.step == result.plan.total_steps:
         console.print(f"[green]done[/]: step {result.step}; decoder exported to {out / 'export'} "
@@ -38,7 +43,6 @@ def train_decoder(
     else:
         console.print(f"[yellow]stopped[/] at step {result.step} of {result.plan.total_steps}; re-run the same "
                       "command to continue")
-    distributed.shutdown()
 
 
 @app.command("export-decoder")
