@@ -57,8 +57,9 @@ def build_encoder(cfg: RAEConfig):
 
 
 def decoder_arch(cfg: RAEConfig, latent_dim: int, num_patches: int) -> dict:
-    """Decoder constructor arguments from the config (named size, custom, or an official config.json)."""
-    from rae_cli.decoder import DECODER_SIZES
+    """Decoder constructor arguments from the config: a named size, custom, or an official config.json (parsed by
+    :func:`rae_cli.decoder.decoder_arch_from_hf_config`, the decoder module's own reader of that format)."""
+    from rae_cli.decoder import DECODER_SIZES, decoder_arch_from_hf_config
 
     if cfg.decoder == "custom":
         hidden, depth, heads, inter = (cfg.decoder_hidden_size, cfg.decoder_depth, cfg.decoder_heads,
@@ -73,9 +74,11 @@ def decoder_arch(cfg: RAEConfig, latent_dim: int, num_patches: int) -> dict:
         if not path.is_file():
             raise ConfigError(f"rae.decoder={cfg.decoder!r} is neither a size ({', '.join(DECODER_SIZES)}, custom) "
                               "nor an official decoder config.json")
-        js = json.loads(path.read_text())
-        hidden, depth, heads, inter = (js["decoder_hidden_size"], js["decoder_num_hidden_layers"],
-                                       js["decoder_num_attention_heads"], js["decoder_intermediate_size"])
+        try:
+            return decoder_arch_from_hf_config(json.loads(path.read_text()), latent_dim=latent_dim,
+                                               patch_size=cfg.decoder_patch_size, num_patches=num_patches)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"rae.decoder={cfg.decoder!r}: {e}") from e
     return dict(latent_dim=latent_dim, hidden_size=hidden, depth=depth, num_heads=heads, intermediate_size=inter,
                 patch_size=cfg.decoder_patch_size, num_patches=num_patches)
 
@@ -110,15 +113,10 @@ def build_rae(cfg: RAEConfig, device: str | torch.device = "cpu", decoder_weight
 
 
 def load_decoder_weights(decoder: torch.nn.Module, path: Path) -> None:
-    """Our decoder .safetensors or an official ``model.pt`` (raw state dict), loaded strictly."""
-    from rae_cli.checkpoint import load_safetensors, strict_load
-    from rae_cli.official import load_official_decoder_state_dict
+    """Our decoder .safetensors or an official ``model.pt``, loaded strictly (by :mod:`rae_cli.official`)."""
+    from rae_cli.official import load_decoder_weights as load
 
-    if path.suffix == ".safetensors":
-        sd, _ = load_safetensors(path)
-    else:
-        sd = load_official_decoder_state_dict(path)
-    strict_load(decoder, sd, what=f"decoder weights {path}")
+    load(decoder, path)
 
 
 def image_size_of(cfg: RAEConfig, patch_size_of_encoder: int) -> int:

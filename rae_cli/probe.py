@@ -9,25 +9,25 @@ final loss, and compares it with the paper's bound max(0, (n − d)/n) and with 
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
-import io
-import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, List, Optional
+from typing import Callable, ClassVar, List, Optional
 
 import torch
 
 from rae_cli.config import ConfigError, doc
-from rae_cli.errors import RaeError
 from rae_cli.schema import DiTConfig, FlowConfig, RAEConfig
+# The floors, the worker processes, the outputs and the preset check live in their own modules; their public names
+# are importable from here too.
+from rae_cli.probe_floors import exact_floor, exact_floors, paper_bound  # noqa: F401
+from rae_cli.probe_presets import PresetCheck, check_train_preset, encoder_geometry  # noqa: F401
+from rae_cli.probe_report import CSV_HEADER, plot_probe, write_csv, write_json  # noqa: F401
+from rae_cli.probe_workers import Report, resolved_workers  # noqa: F401
 
 log = logging.getLogger(__name__)
-
-CSV_HEADER = ("width", "depth", "latent_dim", "final_loss", "bound", "exact_bound")
 
 
 def _probe_dit() -> DiTConfig:
@@ -106,50 +106,7 @@ class ProbeConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The two floors
 
-
-def paper_bound(n: int, d: int) -> float:
-    """Theorem 1's lower bound on the single-image loss: max(0, (n − d)/n)."""
-    return max(0.0, (n - d) / n)
-
-
-def exact_floor(latent: torch.Tensor, d: int) -> float:
-    """The smallest loss any model whose output tokens lie in a d-dim affine subspace can reach on this latent.
-
-    The model's last layer is Linear(d → n) with a bias, so every output token lies in S = b + span(Q), Q ∈ R^{n×d}
-    orthonormal, whatever comes before it. latent: (n, h, w), one data point X with N = h·w tokens X_i ∈ R^n. Given
-    t > 0 and x_t = (1 − t)·X + t·ε the noise ε is determined, so the best a model can do is the orthogonal
-    projection of each target y_i = ε_i − X_i onto S, at every t alike. The loss is
-
-        E Σ_i ‖P⊥(ε_i − X_i − b)‖² / (N·n) = [N·(n − d) + Σ_i ‖P⊥(X_i + b)‖²] / (N·n),
-
-    the cross term vanishing since E ε = 0. The noise part does not depend on Q (ε is isotropic), so the best S fits
-    the data: −b = the token mean (the bias is free, so all d directions go to the centred tokens) and Q = their top-d
-    principal directions, leaving R_d = the sum of all but the d largest eigenvalues of Σ_i (X_i − X̄)(X_i − X̄)ᵀ:
-
-        floor = max(0, n − d)/n + R_d / (N·n).
-
-    The centred tokens span at most N − 1 dimensions, so R_d = 0 and the floor equals the paper's bound once
-    d ≥ N − 1 (e.g. N = 256 tokens at 256²); with few tokens and small d it is higher.
-    """
-    return exact_floors(latent, [d])[0]
-
-
-def exact_floors(latent: torch.Tensor, widths) -> list[float]:
-    """:func:`exact_floor` for several widths from one eigen-decomposition."""
-    if latent.dim() != 3:
-        raise ValueError(f"expected one latent (n, h, w), got shape {tuple(latent.shape)}")
-    n = latent.shape[0]
-    tokens = latent.detach().reshape(n, -1).T.double().cpu()  # (N, n)
-    N = tokens.shape[0]
-    centred = tokens - tokens.mean(dim=0, keepdim=True)
-    # Eigenvalues of the centred scatter matrix, from the smaller of the two Gram matrices (same nonzero spectrum).
-    gram = centred @ centred.T if N <= n else centred.T @ centred
-    eig = torch.linalg.eigvalsh(gram).flip(0)  # descending
-    eig = torch.where(eig > 1e-12 * eig[0].clamp(min=1e-300), eig, torch.zeros_like(eig))  # round-off → exact 0
-    tail = torch.cat([eig.flip(0).cumsum(0).flip(0), eig.new_zeros(1)])  # tail[k] = Σ_{j ≥ k} eig[j] = R_k
-    return [paper_bound(n, d) + float(tail[min(max(d, 0), len(eig))]) / (N * n) for d in widths]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -233,7 +190,9 @@ def train_model(model: torch.nn.Module, latent: torch.Tensor, cfg: ProbeConfig, 
                                     mu=cfg.flow.logit_mu, sigma=cfg.flow.logit_sigma, t0=cfg.flow.t0,
                                     t1=cfg.flow.t1, shift=shift).mean()
         if not torch.isfinite(loss):
-            raise RaeError(f"the probe's loss became {loss.item()} at step {step}; lower lr (now {cfg.lr})")
+            from rae_cli.training.guard import NonFiniteError
+
+            raise NonFiniteError(f"the probe's loss became {loss.item()} at step {step}; lower lr (now {cfg.lr})")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -295,6 +254,7 @@ def verdict(width: int, n: int, loss: float, floor: float, tolerance: float) -> 
     return "not fitted yet: width ≥ latent dimension, so it can; train longer or tune lr"
 
 
+
 def run_probe(cfg: ProbeConfig, out_dir: str | Path, *, progress: bool = True) -> ProbeResult:
     """Train every (depth, width), measure the final loss, write probe.csv / probe.json / probe.png / config.yaml."""
     from rae_cli.build import device_of
@@ -312,11 +272,13 @@ def run_probe(cfg: ProbeConfig, out_dir: str | Path, *, progress: bool = True) -
         source = f"synthetic N(0, 1) latent {cfg.latent_channels}×{cfg.grid}×{cfg.grid}"
     runs = [(depth, width) for depth in cfg.depths for width in cfg.widths]
     workers = resolved_workers(cfg, device, len(runs))
+    from rae_cli.probe_workers import run_in_processes, torch_threads
+
     with _progress_bar(len(runs) * cfg.steps, progress) as report:
         if workers > 1:
-            rows = _run_in_processes(cfg, latent.cpu(), runs, workers, report)
+            rows = run_in_processes(cfg, latent.cpu(), runs, workers, report)
         else:
-            with _torch_threads(cfg.cpu_threads if device.type == "cpu" else None):
+            with torch_threads(cfg.cpu_threads if device.type == "cpu" else None):
                 rows = [probe_one(cfg, latent, depth, width, report) for depth, width in runs]
     dense = list(range(1, max(max(cfg.widths), latent.shape[0]) * 2 + 1))
     result = ProbeResult(rows, tuple(int(s) for s in latent.shape), source, time.perf_counter() - start, out_dir,
@@ -326,9 +288,6 @@ def run_probe(cfg: ProbeConfig, out_dir: str | Path, *, progress: bool = True) -
     plot_probe(result, out_dir / "probe.png")
     save_resolved(cfg, out_dir / "config.yaml", extra={"command": "overfit-probe"})
     return result
-
-
-Report = Callable[[str, int, float], None]  # (label, steps done, training loss) → progress display
 
 
 def probe_one(cfg: ProbeConfig, latent: torch.Tensor, depth: int, width: int,
@@ -352,101 +311,13 @@ def probe_one(cfg: ProbeConfig, latent: torch.Tensor, depth: int, width: int,
                     verdict(width, n, loss, floor, cfg.fit_tolerance), time.perf_counter() - t_run)
 
 
-def resolved_workers(cfg: ProbeConfig, device: torch.device, runs: int) -> int:
-    """How many models train at once: 1 on a GPU; on the CPU ``cfg.workers`` or one per ``cpu_threads`` cores."""
-    import os
-
-    if device.type != "cpu":
-        return 1
-    if cfg.workers is not None:
-        return max(1, min(cfg.workers, runs))
-    if cfg.cpu_threads is None:  # torch's default threads already use every core
-        return 1
-    return max(1, min(runs, (os.cpu_count() or 1) // cfg.cpu_threads))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Several models at once on the CPU: one process per model (a tiny model's step is many small ops that one core
-# runs best; separate processes use the other cores without sharing an interpreter lock).
-
-_REPORTS = None  # the progress queue of a worker process
-
-
-def _worker_init(queue, threads: int | None) -> None:
-    global _REPORTS
-    _REPORTS = queue
-    if threads:
-        torch.set_num_threads(threads)
-
-
-def _worker_run(cfg: ProbeConfig, latent: torch.Tensor, depth: int, width: int) -> ProbeRow:
-    pending: list[float] = []
-    label = f"d={width} L={depth}"
-
-    def report(_label: str, _steps: int, loss: float) -> None:
-        pending.append(loss)
-        if len(pending) == 10:  # one message per 10 steps keeps the queue cheap
-            _REPORTS.put((label, len(pending), sum(pending) / len(pending)))
-            pending.clear()
-
-    row = probe_one(cfg, latent, depth, width, report)
-    if pending:
-        _REPORTS.put((label, len(pending), sum(pending) / len(pending)))
-    return row
-
-
-def _run_in_processes(cfg: ProbeConfig, latent: torch.Tensor, runs: list[tuple[int, int]], workers: int,
-                      report: Report) -> list[ProbeRow]:
-    import multiprocessing
-    import queue as queue_mod
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
-
-    ctx = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools
-    reports = ctx.Queue()
-
-    def drain(timeout: float) -> None:
-        try:
-            while True:
-                report(*reports.get(timeout=timeout))
-                timeout = 0.0
-        except queue_mod.Empty:
-            pass
-
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
-                             initargs=(reports, cfg.cpu_threads)) as pool:
-        # Widest and deepest first, so that the long runs do not end up last on one worker.
-        order = sorted(runs, key=lambda r: r[0] * r[1], reverse=True)
-        futures = {run: pool.submit(_worker_run, cfg, latent, *run) for run in order}
-        while not all(f.done() for f in futures.values()):
-            drain(0.2)
-        drain(0.0)
-        try:
-            return [futures[run].result() for run in runs]
-        except BrokenProcessPool as e:
-            raise RaeError("a probe worker process died. Worker processes re-import the calling script: guard a "
-                           "script that calls run_probe with `if __name__ == \"__main__\":`, or set workers=1") from e
-
-
-@contextlib.contextmanager
-def _torch_threads(threads: int | None):
-    """Run with ``threads`` intra-op threads (None: unchanged), restoring the previous number afterwards."""
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
 
 @contextlib.contextmanager
 def _progress_bar(total: int, enabled: bool):
     """Yield ``report(label, steps, loss)``: advance the bar and show the recent training loss of ``label``."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rae_cli.training.session import progress_bar
 
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   disable=not enabled)
+    bar = progress_bar("overfit-probe", enabled, info=False)
     recent: dict[str, list[float]] = {}
 
     def report(label: str, steps: int, loss: float) -> None:
@@ -463,161 +334,3 @@ def _progress_bar(total: int, enabled: bool):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Outputs
-
-
-def write_csv(rows: list[ProbeRow], path: Path) -> None:
-    from rae_cli.checkpoint import atomic_write_text
-
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(CSV_HEADER)
-    for r in rows:
-        writer.writerow([r.width, r.depth, r.latent_dim, f"{r.final_loss:.6g}", f"{r.bound:.6g}",
-                         f"{r.exact_bound:.6g}"])
-    atomic_write_text(path, buf.getvalue())
-
-
-def write_json(result: ProbeResult, cfg: ProbeConfig, path: Path) -> None:
-    from rae_cli.checkpoint import atomic_write_json
-    from rae_cli.config import to_dict
-
-    atomic_write_json(path, {
-        "latent": {"source": result.source, "shape": list(result.latent_shape), "latent_dim": result.latent_shape[0],
-                   "tokens": result.latent_shape[1] * result.latent_shape[2]},
-        "rows": [dataclasses.asdict(r) for r in result.rows],
-        "seconds": result.seconds,
-        "config": to_dict(cfg),
-    })
-
-
-def plot_probe(result: ProbeResult, path: Path) -> None:
-    """Final loss against width (one line per depth) with both floors and the d = n line; linear and log scale."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from rae_cli.checkpoint import atomic_path
-
-    n = result.latent_shape[0]
-    widths = sorted({r.width for r in result.rows})
-    lo, hi = min(widths) / 1.5, max(max(widths), n) * 1.5
-    curve = [(d, f) for d, f in result.floor_curve if lo <= d <= hi]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), dpi=100)
-    for ax, log_y in zip(axes, (False, True)):
-        ds = [d for d, _ in curve]
-        bound = [paper_bound(n, d) for d in ds]
-        exact = [f for _, f in curve]
-        if log_y:  # zero floors cannot be drawn on a log axis
-            bound = [b if b > 0 else float("nan") for b in bound]
-            exact = [f if f > 0 else float("nan") for f in exact]
-        ax.plot(ds, bound, color="tab:gray", lw=2.5, ls="--", label="paper bound max(0, (n − d)/n)")
-        ax.plot(ds, exact, color="tab:red", lw=1.5, label="exact floor for this latent")
-        for depth in sorted({r.depth for r in result.rows}):
-            rows = sorted((r for r in result.rows if r.depth == depth), key=lambda r: r.width)
-            ax.plot([r.width for r in rows], [r.final_loss for r in rows], marker="o", lw=2,
-                    label=f"final loss, depth {depth}")
-            for r in rows:
-                ax.annotate(f"{r.final_loss:.3g}", (r.width, r.final_loss), textcoords="offset points",
-                            xytext=(5, 5), fontsize=8)
-        ax.axvline(n, color="black", lw=1, alpha=0.7)
-        ax.text(n, 0.97, f" d = n = {n}", va="top", ha="left", fontsize=9, transform=ax.get_xaxis_transform())
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(widths, [str(w) for w in widths])
-        ax.minorticks_off()
-        ax.set_xlim(lo, hi)
-        if log_y:
-            ax.set_yscale("log")
-            ax.set_title("log scale", fontsize=9)
-        else:
-            ax.set_ylim(-0.02, max(1.05, max(r.final_loss for r in result.rows) * 1.1))
-            ax.set_title(f"one latent: {result.source}", fontsize=9)
-        ax.set_xlabel("model width d")
-        ax.set_ylabel("final flow-matching loss (fresh draws, uniform t)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checking a train-dit preset without training
-
-
-@dataclass
-class PresetCheck:
-    preset: str
-    encoder: str
-    latent_channels: int
-    tokens: int
-    model: str
-    hidden_size: Any
-    width: int
-    bound: float
-    ok: bool
-
-    def message(self) -> str:
-        head = (f"{self.model} (hidden {self.hidden_size}; the output is written at width d = {self.width}) on "
-                f"{self.encoder} latents ({self.latent_channels} channels, {self.tokens} tokens): ")
-        if self.ok:
-            body = self.hidden_size[0] if isinstance(self.hidden_size, list) else self.width
-            note = (f"; its body ({body} wide) is narrower, which is fine: the wide head reads the noisy latent "
-                    "itself (paper §4.3)" if body < self.latent_channels else "")
-            return head + f"d ≥ n, so Theorem 1 does not limit the loss (bound {self.bound:g}){note}"
-        return head + (f"d < n: by Theorem 1 the loss cannot go below (n − d)/n = {self.bound:.3f}, even on one "
-                       "image; use a wider model or a DiT-DH head at least n wide")
-
-
-def encoder_geometry(rae_cfg: RAEConfig) -> tuple[int, int]:
-    """(hidden size, patch size) of the RAE's encoder from the registry or a local config.json, without weights."""
-    from rae_cli.build import resolve_source
-    from rae_cli.encoders import EFFNET_STAGES, ENCODERS
-
-    source = resolve_source(rae_cfg.encoder_source)
-    if source and (Path(source) / "config.json").is_file():
-        cfg = json.loads((Path(source) / "config.json").read_text())
-        return int(cfg["hidden_size"]), int(cfg["patch_size"])
-    if rae_cfg.encoder == "efficientnet-lite0":
-        stride = int(rae_cfg.encoder_options.get("stride", 8))
-        return EFFNET_STAGES[stride][1], stride
-    spec = ENCODERS.get(rae_cfg.encoder)
-    if spec is None or "hidden_size" not in spec.config:
-        raise ConfigError(f"cannot tell the latent channels of encoder {rae_cfg.encoder!r} without its weights; "
-                          f"registry encoders: {', '.join(ENCODERS)}")
-    return int(spec.config["hidden_size"]), int(spec.config["patch_size"])
-
-
-def _section(cls: type, value: Any):
-    from rae_cli.config import resolve
-
-    if value is None:
-        return resolve(cls)
-    if isinstance(value, str):
-        return resolve(cls, preset=value)
-    return resolve(cls, base=value)
-
-
-def check_train_preset(preset: str) -> PresetCheck:
-    """Read a train-dit preset's ``dit`` and ``rae`` sections and apply Theorem 1's width rule to them."""
-    from rae_cli.config import preset_path, read_yaml
-    from rae_cli.dit import DIT_REGISTRY, DiTDH
-
-    path = preset_path("train-dit", preset)
-    data = read_yaml(path)
-    dit = _section(DiTConfig, data.get("dit"))
-    rae = _section(RAEConfig, data.get("rae"))
-    channels, patch = encoder_geometry(rae)
-    n = channels * dit.patch_size**2  # the token a patch-p DiT reads and writes
-    if dit.name not in DIT_REGISTRY:
-        raise ConfigError(f"{path}: unknown model {dit.name!r}; choose one of {', '.join(DIT_REGISTRY)}")
-    cls, hidden, _, _ = DIT_REGISTRY[dit.name]
-    hidden = dit.hidden_size if dit.hidden_size is not None else hidden
-    # As in build_dit: DiT-DH writes its output from the head, so the head width is the one that counts.
-    pair = isinstance(hidden, (list, tuple))
-    width = int(hidden[1] if pair and cls is DiTDH else hidden[0] if pair else hidden)
-    grid = rae.encoder_input_size // patch // dit.patch_size
-    return PresetCheck(preset=preset, encoder=rae.encoder, latent_channels=n, tokens=grid * grid, model=dit.name,
-                       hidden_size=list(hidden) if pair else hidden, width=width,
-                       bound=paper_bound(n, width), ok=width >= n)
