@@ -118,6 +118,9 @@ class SampleConfig:
     grid_images: int = doc("How many images go into grid.png (0 = no grid).", 64)
     npz: bool = doc("Write samples.npz (ADM evaluation format) when all images exist.", True)
     dit_random_init: bool = doc("TEST ONLY: a randomly initialised stage-2 model (no checkpoint).", False)
+    allow_stats_mismatch: bool = doc("Decode with rae.stats even if they differ (by content hash) from the latent "
+                                     "statistics the checkpoint was trained with (by default that is an error; "
+                                     "without rae.stats a train-dit checkpoint uses its own copy).", False)
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -315,6 +318,11 @@ def prepare(cfg: SampleConfig, device: torch.device | str = "cpu") -> tuple[Samp
             raise ConfigError("decoding needs an autoencoder: set rae=<preset> (or decode=false for latents only)")
         if not cfg.rae.decoder_weights:
             log.warning("no decoder weights given (rae.decoder_weights): images come from a RANDOM decoder")
+        from rae_cli.stage2_bundle import check_sampling_stats
+        from rae_cli.stage2_loading import checkpoint_dir
+
+        folder = checkpoint_dir(cfg.checkpoint) if cfg.checkpoint else None
+        check_sampling_stats(folder, cfg.rae.stats, cfg.allow_stats_mismatch)
         rae = build_rae(cfg.rae, device=device).eval()
         if tuple(rae.latent_shape) != tuple(stage2.latent_shape):
             raise ConfigError(f"the stage-2 model makes latents of shape {tuple(stage2.latent_shape)} but the "

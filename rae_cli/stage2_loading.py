@@ -83,6 +83,10 @@ def checkpoint_base(checkpoint: str | None) -> dict:
     base["latent_shape"] = [int(d) for d in shape]
     base["num_classes"] = int(classes)
     base["checkpoint"] = str(folder)
+    if isinstance(base.get("rae"), Mapping):  # a train-dit checkpoint carries the statistics it was trained with
+        from rae_cli.stage2_bundle import own_stats
+
+        base["rae"] = {**base["rae"], "stats": own_stats(folder, base["rae"].get("stats"))}
     return base
 
 
