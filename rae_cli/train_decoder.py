@@ -309,11 +309,13 @@ def _train(cfg: TrainDecoderConfig, out: Path, dist) -> TrainResult:
                       autocast=autocast(device, cfg.train.precision))
 
     held = ema_rae = None
+    pending_bad: list = []
     if held_files and dist.is_main:
         from rae_cli.data import load_batch
         from rae_cli.rae import RAE
 
-        held, _, _ = load_batch(held_files, rae.image_size, crop="adm")
+        held, _, bad_held = load_batch(held_files, rae.image_size, crop="adm", skip_bad=True)
+        pending_bad.extend((str(f), why) for f, why in bad_held)  # logged with the first metrics line
         # The EMA decoder behind the same (shared) frozen encoder and statistics, in eval mode: no latent noise.
         ema_rae = RAE(rae.encoder, ema.module, input_size=rae.input_size, noise_tau=0.0, latent_mean=rae.latent_mean,
                       latent_var=rae.latent_var, eps=rae.eps).to(device).eval()
@@ -336,7 +338,6 @@ def _train(cfg: TrainDecoderConfig, out: Path, dist) -> TrainResult:
     skipped = bad_images.SkippedLog(out, dist.is_main)
     clock = CheckpointClock(cfg.train.ckpt_every, cfg.train.ckpt_every_minutes, dist)
     saved_step = last.step if last is not None else None
-    pending_bad: list = []
     last_eval: dict = {}
     sums: dict[str, float] = {}
     count, t0 = 0, time.time()
