@@ -204,3 +204,23 @@ def test_older_checkpoint_without_its_own_stats_still_loads(cache, tmp_path, cap
         base = checkpoint_base(str(ck))
     assert base["rae"]["stats"].endswith("gone/stats.safetensors")
     assert "pass rae.stats=" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------- the NaN guard
+
+
+@pytest.mark.parametrize("fault, message", [("nan:loss@2", r"step 2: the loss is nan"),
+                                            ("nan:weights@2", r"step 2: the weights about to be saved are not")])
+def test_train_decoder_nan_guard_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, fault, message):
+    from rae_cli.train_decoder import TrainDecoderConfig, train_decoder
+    from rae_cli.training.guard import NonFiniteError
+
+    images = image_folder(tmp_path / "images", per_class=4)
+    cfg = resolve(TrainDecoderConfig, preset="tiny", overrides=[f"data.path={images}", "loss.perceptual_weight=0",
+                                                                "train.ckpt_every=1", "train.keep_last=5"])
+    monkeypatch.setenv("RAE_FAULT_INJECT", fault)
+    with pytest.raises(NonFiniteError, match=message + r".*step-000000001 \(step 1\); it is kept"):
+        train_decoder(cfg=cfg, out_dir=tmp_path / "run")
+    assert steps(tmp_path / "run") == [1]
+    good = load_file(str(tmp_path / "run/checkpoints/step-000000001/decoder.safetensors"))
+    assert all(torch.isfinite(v).all() for v in good.values())
