@@ -17,6 +17,7 @@ Points used by the package (keep this list current; the fault suite names them):
 | ``checkpoint-before-rename`` | ``run_dir.save_checkpoint``: every file of the checkpoint is written, the rename is next |
 | ``train-step`` | a trainer, once optimizer step ``step`` (1-based) is done and before any checkpoint of it |
 | ``loss`` | a trainer's loss of optimizer step ``step`` (1-based): ``nan:`` makes it NaN before the finiteness check |
+| ``weights`` | a trainer, after optimizer step ``step`` (1-based): ``nan:`` makes a weight NaN (a blow-up the loss did not show), to be caught before the next checkpoint |
 | ``cache-shard`` | ``cache-latents``, after shard ``step`` (0-based) is written |
 | ``sample-image`` | ``rae sample``, after image ``step`` (0-based) is written |
 """

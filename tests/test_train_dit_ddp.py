@@ -48,3 +48,18 @@ def test_two_processes_match_one_process(tmp_path):
     assert len(lb) == 3
     assert sorted(p.name for p in (tmp_path / "two/checkpoints").glob("step-*")) == ["step-000000002",
                                                                                     "step-000000003"]
+
+
+def test_time_based_saves_and_the_nan_guard_agree_across_ranks(tmp_path, monkeypatch):
+    # Rank 0's clock decides every save (1e-6 minutes ≈ every step) and both ranks save together; at step 3 only
+    # rank 1's weights go non-finite: the check before the save is all-reduced, so both ranks stop there with a
+    # clear error instead of one of them waiting alone at the checkpoint barrier.
+    cache = synthetic_cache(tmp_path / "cache")
+    monkeypatch.setenv("RAE_FAULT_INJECT", "nan:weights@3")
+    monkeypatch.setenv("RAE_FAULT_INJECT_RANK", "1")
+    res = torchrun(2, "train-dit", "-p", "tiny", "--cache", str(cache), "--out", str(tmp_path / "run"),
+                   "max_steps=4", "ckpt_every_steps=100", "ckpt_every_minutes=1e-6", "keep_last=5")
+    assert res.returncode != 0
+    assert "step 3: the weights about to be saved are not finite" in res.stdout + res.stderr
+    assert sorted(p.name for p in (tmp_path / "run/checkpoints").glob("step-*")) == ["step-000000001",
+                                                                                    "step-000000002"]
