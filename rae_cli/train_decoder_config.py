@@ -87,6 +87,9 @@ class DecoderTrainConfig:
             raise ConfigError("train.log_every, ckpt_every and keep_last must be ≥ 1 and eval_every ≥ 0")
         if self.ckpt_every_minutes is not None and self.ckpt_every_minutes <= 0:
             raise ConfigError("train.ckpt_every_minutes must be > 0 (or null)")
+        if self.stop_after is not None and self.stop_after < 1:
+            raise ConfigError(f"train.stop_after={self.stop_after} trains nothing: give a step ≥ 1 (or null to train "
+                              "to the end)")
 
 
 @dataclass
