@@ -138,7 +138,7 @@ def _train(cfg: TrainDecoderConfig, out: Path, dist) -> TrainResult:
     files = list_images(cfg.data.path)
     train_files, held_files = split_holdout(files, cfg.data.holdout, cfg.train.seed)
     plan = make_plan(cfg, len(train_files), dist.world_size)
-    last = resume_point(out, to_dict(cfg))  # refuses a forbidden config change; None = start afresh
+    last = resume_point(out, to_dict(cfg), dist)  # refuses a forbidden config change; None = start afresh
     write_run_config(out, cfg, dist, extra={"kind": RUN_KIND})
 
     # -- models (the loss networks first: missing weights fail before the encoder is loaded) --------------------

@@ -255,7 +255,7 @@ def _train(cfg: TrainDiTConfig, out: Path, dist) -> Path:
                           f"grad_accum_steps = {world} × {cfg.grad_accum_steps}")
     micro = cfg.global_batch_size // (world * cfg.grad_accum_steps)
     mean, var = _load_stats(stats_path, data.latent_shape, device)
-    last = resume_point(out, to_dict(cfg))  # refuses a forbidden config change; None = start afresh
+    last = resume_point(out, to_dict(cfg), dist)  # refuses a forbidden config change; None = start afresh
     if last is not None:
         _check_same_stats(last, mean, var)
 

@@ -30,6 +30,8 @@ RESUMABLE_KEYS = frozenset({
     "data.path", "data.num_workers", "train.micro_batch_size", "train.grad_checkpointing", "train.device",
     "train.stop_after", "train.log_every", "train.tensorboard", "train.wandb", "train.wandb_project",
     "train.eval_every", "train.ckpt_every", "train.ckpt_every_minutes", "train.keep_last", "train.keep_every",
+    # process-level settings of other branches (collective timeout, node-local cache copies)
+    "dist_timeout", "train.dist_timeout", "cache_local_dir",
     # bookkeeping written next to every config
     "rae_version", "kind",
 })
@@ -67,12 +69,18 @@ def check_resume(saved: Mapping[str, Any], cfg_dict: Mapping[str, Any], run: Pat
     return [k for k in changed if k not in ("rae_version", "kind")]
 
 
-def resume_point(out: Path, cfg_dict: Mapping[str, Any]):
-    """The checkpoint to resume ``out`` from (None: start afresh), after checking the resume policy against it."""
+def resume_point(out: Path, cfg_dict: Mapping[str, Any], dist=None):
+    """The checkpoint to resume ``out`` from (None: start afresh), after checking the resume policy against it.
+
+    Under DDP rank 0 picks the checkpoint and every rank uses its pick (listings of a shared filesystem may differ
+    between nodes); every rank checks the policy, so all of them stop together on a refused change."""
+    from rae_cli import distributed
     from rae_cli.config import read_yaml
     from rae_cli.run_dir import CONFIG_FILE, latest_checkpoint
 
-    last = latest_checkpoint(Path(out) / "checkpoints")
+    last = latest_checkpoint(Path(out) / "checkpoints") if dist is None or dist.is_main else None
+    if dist is not None:
+        last = distributed.broadcast_object(last, dist)
     if last is None:
         if (Path(out) / CONFIG_FILE).is_file():
             log.info("%s holds no checkpoint (an earlier launch stopped before its first save): starting afresh", out)

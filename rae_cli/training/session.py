@@ -15,12 +15,14 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @contextlib.contextmanager
-def distributed_session(device: str) -> Iterator:
-    """``with distributed_session(cfg.device) as dist:`` — init torch.distributed (under torchrun), always shut down."""
+def distributed_session(device: str, **init_options) -> Iterator:
+    """``with distributed_session(cfg.device) as dist:`` — init torch.distributed (under torchrun), always shut down.
+
+    ``init_options`` go to :func:`rae_cli.distributed.init`."""
     from rae_cli import distributed
 
     try:
-        yield distributed.init(device)
+        yield distributed.init(device, **init_options)
     finally:
         distributed.shutdown()
 
