@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+_SELF = sys.modules[__name__]  # this module, while it is being imported as "conftest"
+
+
+def pytest_collectstart(collector):
+    # tests/faults/conftest.py is imported under the same name "conftest" (no packages, prepend import mode) and
+    # replaces this one in sys.modules; the test modules of this folder import helpers with `from conftest import`:
+    # make that name mean this file again while each of them is imported.
+    if isinstance(collector, pytest.Module) and Path(str(collector.path)).parent == Path(__file__).parent:
+        sys.modules["conftest"] = _SELF
 
 
 def parity_dir() -> Path:
