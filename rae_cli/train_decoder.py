@@ -754,12 +754,9 @@ def _append_metrics(path: Path, row: dict) -> None:
 
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop rows logged after the checkpoint we resume from (they will be logged again)."""
-    if not path.is_file():
-        return
-    from rae_cli.checkpoint import atomic_write_text
+    from rae_cli.run_dir import truncate_metrics
 
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+    truncate_metrics(path, step)  # tolerates a torn last line
 
 
 def export_trained_decoder(checkpoint: str | Path, out_dir: str | Path | None = None, *,
