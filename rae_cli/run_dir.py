@@ -94,7 +94,7 @@ def list_checkpoints(root: str | os.PathLike) -> list[Checkpoint]:
     return [c for c in _step_folders(Path(root)) if (c.path / META_FILE).is_file()]
 
 
-_VERIFIED: dict[tuple, bool] = {}  # (folder, meta.json inode/size/mtime) of checkpoints verified in this process
+_VERIFIED: dict[tuple, bool] = {}  # (folder, (name, inode, size, mtime) of each file) verified in this process
 
 
 def verify_checkpoint(ckpt: Checkpoint) -> None:
@@ -106,11 +106,13 @@ def verify_checkpoint(ckpt: Checkpoint) -> None:
     ``files`` in meta.json) gets the structural checks only.
     """
     meta_path = ckpt.path / META_FILE
-    try:
-        st = meta_path.stat()
-    except OSError:
-        raise CheckpointError(f"{ckpt.path} has no {META_FILE} (an interrupted or damaged save)") from None
-    key = (str(ckpt.path), st.st_ino, st.st_size, st.st_mtime_ns)
+    if not meta_path.is_file():
+        raise CheckpointError(f"{ckpt.path} has no {META_FILE} (an interrupted or damaged save)")
+    try:  # what is on disk now (a cheap stat of each file): a file changed since it was verified is verified again
+        key = (str(ckpt.path),) + tuple((f.name, f.stat().st_ino, f.stat().st_size, f.stat().st_mtime_ns)
+                                        for f in sorted(ckpt.path.iterdir()))
+    except OSError as e:
+        raise CheckpointError(f"{ckpt.path} cannot be read ({e})") from None
     if _VERIFIED.get(key):
         return
     try:
