@@ -85,7 +85,8 @@ def open_rgb(path: str | Path):
         with Image.open(path) as im:
             im.load()
             return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    # DecompressionBombError (a header claiming billions of pixels, refused before decoding) is not an OSError.
+    except (Image.DecompressionBombError, UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"cannot read image {path}: {e}") from e
 
 
