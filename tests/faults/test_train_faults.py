@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from fault_helpers import (KILLED, assert_same_weights, copy_run, error_line, explain, lost_checkpoints,
-                           metrics_rows, steps)
+                           malicious_pt, metrics_rows, rehash, steps)
 
 # train-dit: 32 cached latents, 8 per step → 4 steps per epoch; 4 epochs = 16 steps; a checkpoint every 4 steps,
 # the 3 newest kept (so a damaged newest one has older ones to fall back to).
@@ -173,4 +173,25 @@ def test_train_decoder_nonfinite_loss_stops_with_the_last_good_checkpoint_intact
     assert "step 3" in error_line(proc)
     assert steps(run) == [2]
     row.files_lost = lost_checkpoints(run, [2])
+    row.survived = True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A malicious pickle as the private resume state of a run (the other .pt inputs: test_bad_inputs.py)
+
+
+@pytest.mark.parametrize("trainer", ["train-dit", "train-decoder"])
+def test_a_malicious_resume_state_is_refused(trainer, dit, dec, tmp_path, rae_cli_run, fault_report):
+    row = fault_report.injected(f"malicious pickle: {trainer} resume.pt")
+    marker = tmp_path / "MARKER-the-pickle-ran"
+    ref, last = (dit["ref"], DIT_LAST) if trainer == "train-dit" else (dec["ref"], 4)
+    run = copy_run(ref, tmp_path / "run")
+    malicious_pt(_ck(run, last) / "resume.pt", marker)
+    rehash(_ck(run, last), "resume.pt")  # past the integrity check: the loader itself must refuse it
+    proc = (_dit(rae_cli_run, dit["cache"], run) if trainer == "train-dit"
+            else _dec(rae_cli_run, dec["images"], run))
+    assert proc.returncode == 2, explain(proc)
+    line = error_line(proc)
+    assert "resume.pt" in line and "refused" in line and "weights_only=False" not in line, line
+    assert not marker.exists()
     row.survived = True
