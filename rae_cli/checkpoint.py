@@ -79,12 +79,14 @@ def durable_replace(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success make it durable and rename it over ``path``.
 
     The temporary file is fsynced before the rename and the folder after it, and it gets the mode the user's
     umask asks for (``mkstemp`` alone would leave 0600). On any exception the temporary file is removed and
-    ``path`` is left untouched, so a crash never leaves a half-written file behind.
+    ``path`` is left untouched, so a crash never leaves a half-written file behind. ``durable=False`` skips the
+    two fsyncs (about 10 ms per file on a busy ext4 disk) for bulk outputs whose reader checks each file for
+    completeness instead (the PNGs of ``rae sample``, the PNGs of ``rae dataset``): still atomic against a kill.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,9 +95,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
-        fsync_file(tmp)
+        if durable:
+            fsync_file(tmp)
         os.chmod(tmp, file_mode())
-        durable_replace(tmp, path)
+        if durable:
+            durable_replace(tmp, path)
+        else:
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()

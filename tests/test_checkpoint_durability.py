@@ -129,3 +129,16 @@ def test_torch_load_weights_says_what_a_bad_file_is(tmp_path):
         torch_load_weights(tmp_path / "cut.pt")
     assert "\n" not in str(e.value)
     assert torch.equal(torch_load_weights(tmp_path / "ok.pt")["w"], torch.ones(2))
+
+
+def test_png_completeness_check_catches_a_cut_short_image(tmp_path):
+    import numpy as np
+
+    from rae_cli.npz import png_complete, save_image_folder
+
+    path = save_image_folder(np.full((1, 8, 8, 3), 7, np.uint8), tmp_path, durable=False)[0]
+    assert png_complete(path)
+    data = path.read_bytes()
+    for broken in (data[:-1], data[: len(data) // 2], b""):
+        path.write_bytes(broken)
+        assert not png_complete(path)
