@@ -12,6 +12,8 @@ import torch
 
 from dit_training_helpers import image_folder, synthetic_cache
 from fault_helpers import KILLED, copy_run, explain
+from rae_cli.latent_cache import _shard_intact
+from rae_cli.npz import png_complete
 
 CACHE_ARGS = ["-p", "tiny", "shard_size=4"]  # 10 images → shards of 4, 4, 2
 
@@ -51,6 +53,7 @@ def test_cache_latents_killed_after_a_shard_resumes_without_duplicate_or_missing
     row = fault_report.injected("cache-latents: kill -9 after shard 1")
     assert cache["killed"].returncode == KILLED, explain(cache["killed"])
     assert _shards(cache["partial"]) == ["shard-00000.safetensors", "shard-00001.safetensors"]
+    row.files_lost = sum(not _shard_intact(p) for p in cache["partial"].glob("shard-*.safetensors"))
     out = copy_run(cache["partial"], tmp_path / "cache")
     proc = rae_cli_run(["cache-latents", cache["images"], "--out", out, *CACHE_ARGS])
     assert proc.returncode == 0, explain(proc)
@@ -108,6 +111,7 @@ def test_sample_killed_after_an_image_resumes_without_duplicate_or_missing_image
     proc = rae_cli_run(args, env_extra={"RAE_FAULT_INJECT": "kill:sample-image@4"})
     assert proc.returncode == KILLED, explain(proc)
     assert len(list((out / "images").glob("*.png"))) == 5 and not (out / "samples.npz").exists()
+    row.files_lost = sum(not png_complete(out / "images" / f"{i:06d}.png") for i in range(5))
     proc = rae_cli_run(args)
     assert proc.returncode == 0, explain(proc)
     _assert_same_samples(out, trained["ref"])
