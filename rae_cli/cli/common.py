@@ -53,9 +53,9 @@ def handle_errors(fn: Callable) -> Callable:
         except OSError as e:
             if e.errno not in _WRITE_ERRNOS:
                 raise
-            # A disk that filled up or went read-only mid-run: one line, what was kept, what to do.
-            fail(f"cannot write {e.filename or 'an output file'}: {e.strerror}. Finished work is kept; free space "
-                 "or fix the location, then re-run the same command")
+            # A disk that filled up or went read-only mid-run, a file without permission: one line, what to do.
+            fail(f"{e.strerror}: {e.filename or 'a file'}. Finished work is kept; fix the location (free space, "
+                 "permissions) and re-run the same command")
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]: finished work is kept; re-run the same command to resume.")
             raise typer.Exit(130)
