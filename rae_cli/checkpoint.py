@@ -209,10 +209,11 @@ def torch_load_weights(path: str | os.PathLike) -> Any:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         detail = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln), "")
+        detail = detail.split(". ")[0].rstrip(".") or "unsupported pickle content"  # without torch's advice
         raise CheckpointError(
-            f"{path} was refused: it holds pickled Python objects, not only tensors and plain containers "
-            f"({detail.rstrip('.') or 'unsupported pickle content'}); loading it would run code, so it was not loaded. Use a "
-            "file saved as a plain state dict (or safetensors) from a source you trust."
+            f"{path} was refused by torch.load(weights_only=True): it holds pickled Python objects, not only tensors "
+            f"and plain containers ({detail}); loading it would run code, so it was not loaded. Use a file saved as "
+            "a plain state dict (or safetensors) from a source you trust."
         ) from None
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0].rstrip(".")
