@@ -145,8 +145,7 @@ def test_a_disk_error_mid_run_is_one_line():
 
 
 def test_decompression_bomb_is_a_data_error(tmp_path):
-    sys.path.insert(0, str(Path(__file__).parent / "faults"))
-    from fault_helpers import write_bad_image
+    from faults.fault_helpers import write_bad_image
 
     from rae_cli.data import open_rgb
 

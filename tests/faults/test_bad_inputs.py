@@ -9,7 +9,7 @@ import json
 import pytest
 
 from dit_training_helpers import image_folder
-from fault_helpers import BAD_KINDS, error_line, explain, malicious_pt, write_bad_image
+from faults.fault_helpers import BAD_KINDS, error_line, explain, malicious_pt, write_bad_image
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dit_training_helpers import image_folder, synthetic_cache
-from fault_helpers import KILLED, copy_run, explain
+from faults.fault_helpers import KILLED, copy_run, explain
 from rae_cli.latent_cache import _shard_intact
 from rae_cli.npz import png_complete
 

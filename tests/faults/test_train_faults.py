@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fault_helpers import (KILLED, assert_same_weights, copy_run, error_line, explain, lost_checkpoints,
+from faults.fault_helpers import (KILLED, assert_same_weights, copy_run, error_line, explain, lost_checkpoints,
                            malicious_pt, metrics_rows, rehash, steps)
 
 # train-dit: 32 cached latents, 8 per step → 4 steps per epoch; 4 epochs = 16 steps; a checkpoint every 4 steps,
