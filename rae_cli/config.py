@@ -62,7 +62,10 @@ def preset_path(kind: str, name_or_path: str) -> Path:
 def list_presets(kind: str | None = None) -> list[str]:
     """Names of the shipped presets of ``kind`` (or ``kind/name`` for every kind)."""
     root = presets_root()
-    kinds = [kind] if kind else sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("_"))
+    every = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("_"))
+    if kind and kind not in every:
+        raise ConfigError(f"no preset kind {kind!r}; kinds: {', '.join(every)}")
+    kinds = [kind] if kind else every
     out = []
     for k in kinds:
         for f in sorted((root / k).glob("*.yaml")):
@@ -212,7 +215,10 @@ def resolve(cls: type[T], preset: str | None = None, overrides: Sequence[str] = 
         structured = OmegaConf.merge(OmegaConf.structured(cls), data)
         obj = OmegaConf.to_object(structured)
     except OmegaConfBaseException as e:
-        raise ConfigError(f"invalid config value: {e}".splitlines()[0]) from e
+        key = getattr(e, "full_key", None)
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"invalid config value for {key}: {first}" if key else f"invalid config value: {first}"
+                          ) from e
     _validate_tree(obj)
     return obj  # type: ignore[return-value]
 

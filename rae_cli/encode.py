@@ -23,11 +23,19 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _check_readable(files: list[Path]) -> None:
-    """Open every image once (cheap) so that a corrupt file is reported before anything is written."""
+    """Open every image once (cheap) so that corrupt files are reported, all at once, before anything is written."""
     from rae_cli.data import open_rgb
 
+    bad = []
     for f in files:
-        open_rgb(f)
+        try:
+            open_rgb(f)
+        except DataError as e:
+            bad.append(str(e))
+    if bad:
+        more = f"; ... ({len(bad)} in all)" if len(bad) > 8 else ""
+        raise DataError(f"{len(bad)} of {len(files)} input images cannot be used: " + "; ".join(bad[:8]) + more
+                        + ". Remove or replace them and run again (nothing was written)")
 
 
 def _image_size(cfg_size: int | None, rae) -> int:

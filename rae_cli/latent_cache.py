@@ -209,7 +209,7 @@ def cache_latents(cfg: CacheLatentsConfig, images: str | Path, out_dir: str | Pa
             _write_file_list(out, data.files, data.labels, root)
             save_resolved(cfg, out / "config.yaml", extra={"images": str(root.resolve())})
     num_shards = math.ceil(len(data.files) / cfg.shard_size)
-    missing = [s for s in range(num_shards) if not (out / shard_name(s)).exists()]
+    missing = [s for s in range(num_shards) if not _shard_intact(out / shard_name(s), warn=dist.is_main)]
     if not missing and (out / INDEX_FILE).is_file() and (out / STATS_FILE).is_file():
         if dist.is_main:
             log.info("latent cache %s is already complete (%d shards); nothing to do", out, num_shards)
@@ -239,6 +239,22 @@ def cache_latents(cfg: CacheLatentsConfig, images: str | Path, out_dir: str | Pa
         dtype=cfg.dtype, flip=cfg.flip, image_size=image_size, classes=list(data.classes), num_files=len(data.files),
         rae=dataclasses.asdict(cfg.rae)))
     return out
+
+
+def _shard_intact(path: Path, warn: bool = False) -> bool:
+    """True if ``path`` exists with a readable header and all the bytes it announces; a damaged shard (truncated,
+    zero-length: a copy cut short, a full disk) is reported and encoded again."""
+    from rae_cli.checkpoint import CheckpointError, check_safetensors_file
+
+    if not path.exists():
+        return False
+    try:
+        check_safetensors_file(path)
+    except CheckpointError as e:
+        if warn:
+            log.warning("damaged shard, encoding it again: %s", e)
+        return False
+    return True
 
 
 def _shard_indices(s: int, cfg: CacheLatentsConfig, n: int) -> list[int]:
@@ -413,6 +429,9 @@ class LatentCache:
             if sh["entries"] == 0:
                 continue
             path = self.root / sh["file"]
+            if not _shard_intact(path):
+                raise DataError(f"{path} is missing or damaged (truncated?); re-run `rae cache-latents` on the same "
+                                "images and --out to encode it again")
             header, _ = _read_header(path)
             if tuple(header["latents"]["shape"]) != (sh["entries"], *self.latent_shape):
                 raise DataError(f"{path} does not match {INDEX_FILE}; re-run cache-latents")

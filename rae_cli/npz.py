@@ -75,8 +75,10 @@ def save_npz(path: str | Path, arr: np.ndarray) -> Path:
     return path
 
 
-def save_image_folder(arr: np.ndarray, folder: str | Path, start_index: int = 0) -> list[Path]:
-    """Write uint8 (N, H, W, 3) images as ``{index:06d}.png`` (the official sampler's names), atomically each."""
+def save_image_folder(arr: np.ndarray, folder: str | Path, start_index: int = 0, durable: bool = True
+                      ) -> list[Path]:
+    """Write uint8 (N, H, W, 3) images as ``{index:06d}.png`` (the official sampler's names), atomically each
+    (``durable=False``: without fsync, see :func:`rae_cli.checkpoint.atomic_path`; check with :func:`png_complete`)."""
     from PIL import Image
 
     check_images_array(arr, "save_image_folder")
@@ -85,10 +87,23 @@ def save_image_folder(arr: np.ndarray, folder: str | Path, start_index: int = 0)
     paths = []
     for i, image in enumerate(arr):
         path = folder / f"{start_index + i:06d}.png"
-        with atomic_path(path) as tmp:
+        with atomic_path(path, durable=durable) as tmp:
             Image.fromarray(image).save(tmp, format="PNG")
         paths.append(path)
     return paths
+
+
+def png_complete(path: str | Path) -> bool:
+    """True if ``path`` is a PNG that ends with its IEND chunk (what a power cut before the data reached the disk
+    would not leave: a zero-length or cut-short file). Reads 8 + 12 bytes, not the image."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(8) != b"\x89PNG\r\n\x1a\n":
+                return False
+            f.seek(-12, 2)
+            return f.read(12)[4:8] == b"IEND"
+    except OSError:
+        return False
 
 
 def save_reference_stats(path: str | Path, stats: ReferenceStats) -> Path:

@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 
 from rae_cli.cli.app import app
-from rae_cli.cli.common import (console, dry_run_option, handle_errors, overrides_argument, preset_option,
+from rae_cli.cli.common import (check_out, console, dry_run_option, handle_errors, overrides_argument, preset_option,
                                 resolve_config)
 from rae_cli.cli.schemas import register
 
@@ -42,6 +42,7 @@ def cache_latents(
     from rae_cli.latent_cache import CacheLatentsConfig
 
     cfg = resolve_config(CacheLatentsConfig, preset, overrides, dry_run)
+    check_out(out)
     _setup_logging()
     from rae_cli.latent_cache import cache_latents as run
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from pathlib import Path
@@ -35,6 +36,9 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+_WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+
+
 def handle_errors(fn: Callable) -> Callable:
     """Turn library errors a user can act on (RaeError) into one red line and exit code 2."""
 
@@ -46,6 +50,12 @@ def handle_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except RaeError as e:
             fail(str(e))
+        except OSError as e:
+            if e.errno not in _WRITE_ERRNOS:
+                raise
+            # A disk that filled up or went read-only mid-run, a file without permission: one line, what to do.
+            fail(f"{e.strerror}: {e.filename or 'a file'}. Finished work is kept; fix the location (free space, "
+                 "permissions) and re-run the same command")
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]: finished work is kept; re-run the same command to resume.")
             raise typer.Exit(130)
@@ -63,6 +73,15 @@ def resolve_config(cls: type, preset: Optional[str], overrides: Optional[List[st
         sys.stdout.write(to_yaml(cfg))
         raise typer.Exit(0)
     return cfg
+
+
+def check_out(path: Optional[Path], kind: str = "dir", what: str = "--out") -> None:
+    """Fail in one line, before any compute, unless ``path`` can be written (``kind``: dir or file)."""
+    if path is None:
+        return
+    from rae_cli.output import check_output_dir, check_output_file
+
+    (check_output_dir if kind == "dir" else check_output_file)(path, what)
 
 
 def ensure_out_dir(path: Path) -> Path:

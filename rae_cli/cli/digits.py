@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from rae_cli.cli.app import app
-from rae_cli.cli.common import console, handle_errors
+from rae_cli.cli.common import check_out, console, handle_errors
 
 
 @app.command("dataset")
@@ -27,6 +27,7 @@ def dataset(
         raise DataError(f"unknown embedded dataset {name!r}; available: digits")
     from rae_cli.toy_data import export_digits
 
+    check_out(out)
     counts = export_digits(out, size=size, test_fraction=test_fraction, seed=seed)
     console.print(f"[green]wrote[/] {counts['train']} train and {counts['test']} test images to {out}")
 
@@ -46,6 +47,8 @@ def eval_digits(
     from rae_cli.checkpoint import atomic_write_json
     from rae_cli.digits_eval import evaluate_digits
 
+    check_out(out, "file")
+    check_out(grid, "file", "--grid")
     m = evaluate_digits(samples, real, real_train_dir=real_train, recon_metrics=recon_metrics, grid_out=grid)
     atomic_write_json(out, m)
     console.print(f"[green]sample_class_accuracy {m['sample_class_accuracy']:.3f}[/]  "

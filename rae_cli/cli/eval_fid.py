@@ -11,7 +11,7 @@ from typing import List, Optional
 import typer
 
 from rae_cli.cli.app import app
-from rae_cli.cli.common import console, dry_run_option, fail, handle_errors, preset_option
+from rae_cli.cli.common import check_out, console, dry_run_option, fail, handle_errors, preset_option
 from rae_cli.cli.schemas import register
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
@@ -52,6 +52,7 @@ def eval_fid(
     if dry_run:
         sys.stdout.write(to_yaml(cfg))
         raise typer.Exit(0)
+    check_out(out, "file")
 
     import logging
 

@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 
 from rae_cli.cli.app import app
-from rae_cli.cli.common import (console, dry_run_option, fail, handle_errors, overrides_argument, preset_option,
+from rae_cli.cli.common import (check_out, console, dry_run_option, fail, handle_errors, overrides_argument, preset_option,
                                 resolve_config)
 from rae_cli.cli.schemas import register
 
@@ -74,6 +74,7 @@ def overfit_probe(
     cfg = resolve_config(ProbeConfig, preset, list(overrides or []) + flags, dry_run)
     if out is None:
         fail("--out DIR is required (where probe.csv, probe.json and probe.png go)")
+    check_out(out)
     from rae_cli.probe import run_probe
 
     result = run_probe(cfg, out)

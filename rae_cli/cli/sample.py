@@ -10,7 +10,7 @@ from typing import List, Optional
 import typer
 
 from rae_cli.cli.app import app
-from rae_cli.cli.common import console, dry_run_option, fail, handle_errors, overrides_argument, preset_option
+from rae_cli.cli.common import check_out, console, dry_run_option, fail, handle_errors, overrides_argument, preset_option
 from rae_cli.cli.schemas import register
 
 
@@ -49,6 +49,7 @@ def sample(
     rae sample --out s checkpoint=runs/tiny labels=[1,2,3] ; torchrun --nproc_per_node 8 -m rae_cli sample ...
     """
     cfg = _resolve(preset, overrides, dry_run)
+    check_out(out)
     _setup_logging()
     from rae_cli.sample import sample as run_sample
     from rae_cli.weights import WeightsNotFoundError
@@ -87,6 +88,7 @@ def convert_dit(
     from dataclasses import asdict
 
     cfg = _resolve(preset, overrides, dry_run)
+    check_out(out)
     _setup_logging()
     from rae_cli.stage2_loading import convert_official
     from rae_cli.weights import WeightsNotFoundError

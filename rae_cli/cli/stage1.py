@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from rae_cli.cli.app import app
-from rae_cli.cli.common import console, dry_run_option, handle_errors, overrides_argument, resolve_config
+from rae_cli.cli.common import check_out, console, dry_run_option, handle_errors, overrides_argument, resolve_config
 from rae_cli.cli.schemas import register
 
 
@@ -30,6 +30,7 @@ def encode(
     from rae_cli.schema import EncodeConfig
 
     cfg = resolve_config(EncodeConfig, None, overrides, dry_run, base={"rae": preset})
+    check_out(out)
     from rae_cli.encode import encode_images
 
     path = encode_images(cfg, input, out)
@@ -49,6 +50,7 @@ def recon(
     from rae_cli.schema import ReconConfig
 
     cfg = resolve_config(ReconConfig, None, overrides, dry_run, base={"rae": preset})
+    check_out(out)
     from rae_cli.encode import reconstruct_images
 
     m = reconstruct_images(cfg, input, out)

@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from rae_cli.cli.app import app
-from rae_cli.cli.common import (console, dry_run_option, handle_errors, overrides_argument, preset_option,
+from rae_cli.cli.common import (check_out, console, dry_run_option, handle_errors, overrides_argument, preset_option,
                                 resolve_config)
 from rae_cli.cli.schemas import register
 
@@ -27,6 +27,7 @@ def train_decoder(
     from rae_cli.train_decoder import TrainDecoderConfig
 
     cfg = resolve_config(TrainDecoderConfig, preset, [f"data.path={images.resolve()}", *(overrides or [])], dry_run)
+    check_out(out)
     import logging
     import os
 
@@ -56,6 +57,7 @@ def export_decoder(
     """Write decoder.safetensors (ours), model.pt (official layout) and rae.yaml (an rae preset using them)."""
     from rae_cli.train_decoder import export_trained_decoder
 
+    check_out(out)
     path = export_trained_decoder(checkpoint, out, use_ema=not no_ema)
     console.print(f"[green]wrote[/] {path}/decoder.safetensors, model.pt, rae.yaml "
                   f"(rae recon --preset {path / 'rae.yaml'} ...)")

@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 
 from rae_cli.cli.app import app
-from rae_cli.cli.common import (console, dry_run_option, handle_errors, overrides_argument, preset_option,
+from rae_cli.cli.common import (check_out, console, dry_run_option, handle_errors, overrides_argument, preset_option,
                                 resolve_config)
 from rae_cli.cli.schemas import register
 
@@ -51,6 +51,7 @@ def train_dit(
     if data is not None:
         base["images"] = str(data)
     cfg = resolve_config(TrainDiTConfig, preset, overrides, dry_run, base=base)
+    check_out(out)
     _setup_logging()
     from rae_cli.train_dit import train_dit as run
 

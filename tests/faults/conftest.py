@@ -53,7 +53,8 @@ def fault_report(request) -> FaultReport:
 
 def run_rae(args, *, env_extra=None, cwd=None, timeout=600, check=False) -> subprocess.CompletedProcess:
     """Run ``python -m rae_cli ARGS`` in a subprocess (the real CLI); ``env_extra`` adds e.g. RAE_FAULT_INJECT."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "COLUMNS": "400"}  # wide: rich does not wrap the one-line errors the tests read
     env.pop("RAE_FAULT_INJECT", None)
     env.update(env_extra or {})
     proc = subprocess.run([sys.executable, "-m", "rae_cli", *map(str, args)], env=env, cwd=cwd, timeout=timeout,
@@ -63,8 +64,9 @@ def run_rae(args, *, env_extra=None, cwd=None, timeout=600, check=False) -> subp
     return proc
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def rae_cli_run():
+    """``rae_cli_run(args, env_extra=...)``: the real CLI in a subprocess (session scope: module fixtures use it)."""
     return run_rae
 
 
@@ -80,3 +82,4 @@ def pytest_terminal_summary(terminalreporter):
     survived = sum(r.survived for r in _ROWS)
     lost = sum(r.files_lost for r in _ROWS)
     tr.write_line(f"faults: {len(_ROWS)} injected, {survived} survived, {lost} files lost")
+
