@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 from dataclasses import dataclass
@@ -31,8 +32,14 @@ class Dist:
         return self.world_size > 1
 
 
-def init(device: str = "auto") -> Dist:
-    """Initialise torch.distributed if launched by torchrun (``WORLD_SIZE`` > 1); pick the device."""
+def init(device: str = "auto", timeout_minutes: float | None = None) -> Dist:
+    """Initialise torch.distributed if launched by torchrun (``WORLD_SIZE`` > 1); pick the device.
+
+    ``timeout_minutes`` bounds how long a collective (a barrier, a gradient all-reduce) waits for the other
+    processes before failing; null = torch's default (10 min for NCCL, 30 for gloo). On many nodes raise it when
+    rank 0 does long work that the others wait for (the first checkpoint on a slow parallel filesystem, the
+    packing of a 50k-image .npz). A process that fails ends the torchrun job, which then restarts (or stops).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -44,7 +51,8 @@ def init(device: str = "auto") -> Dist:
         torch.cuda.set_device(dev)
     if world > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend=backend)
+        kwargs = {} if timeout_minutes is None else {"timeout": datetime.timedelta(minutes=timeout_minutes)}
+        torch.distributed.init_process_group(backend=backend, **kwargs)
     return Dist(rank=rank, world_size=world, local_rank=local, device=dev)
 
 
@@ -78,6 +86,13 @@ def broadcast_object(obj, dist: Dist, src: int = 0):
     box = [obj]
     torch.distributed.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def from_main(obj, dist: Dist):
+    """Rank 0's value of ``obj`` on every rank: what the ranks must agree on (the checkpoint to resume from, the
+    work left) is decided once, on rank 0, instead of by each node's own look at a shared filesystem, whose
+    listings may lag on other nodes (NFS attribute caches) or change under them (rank 0 cleaning up)."""
+    return broadcast_object(obj if dist.is_main else None, dist)
 
 
 def derive_seed(*parts: int) -> int:

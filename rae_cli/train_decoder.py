@@ -38,7 +38,7 @@ EXPORT_DIR = "export"
 
 # Keys a re-run may change without breaking bit-identical resume (they steer logging, saving and stopping only).
 RUNTIME_KEYS = ("train.stop_after", "train.log_every", "train.ckpt_every", "train.keep_last", "train.keep_every",
-                "train.eval_every", "train.device", "data.num_workers")
+                "train.eval_every", "train.device", "train.dist_timeout", "data.num_workers")
 
 # Random streams: every draw is seeded by derive_seed(seed, rank, step, ...) so that resume = rerun. Image crops
 # use (seed, rank, step, i) with i the sample's index in this rank's share of the step; the others add a tag.
@@ -91,6 +91,8 @@ class DecoderTrainConfig:
     grad_checkpointing: bool = doc("Recompute decoder activations in backward (saves memory, ~30% slower).", False)
     seed: int = doc("Seed of the data order, crops, latent noise and DiffAug (derived per rank and step).", 0)
     device: str = doc("auto, cpu or cuda (under torchrun: the local GPU).", "auto")
+    dist_timeout: Optional[float] = doc("Under torchrun: minutes a collective waits for the other processes before "
+                                        "the job fails (null = torch's default: NCCL 10, gloo 30).", None)
     log_every: int = doc("Log averaged losses every this many steps.", 100)
     ckpt_every: int = doc("Save a checkpoint every this many steps (and always at the end).", 2500)
     keep_last: int = doc("Keep this many newest checkpoints.", 2)
@@ -404,7 +406,7 @@ def train_decoder(*, cfg: TrainDecoderConfig, out_dir: str | Path) -> TrainResul
 
     if not cfg.data.path:
         raise ConfigError("data.path is not set: give the training image folder")
-    dist = distributed.init(cfg.train.device)
+    dist = distributed.init(cfg.train.device, cfg.train.dist_timeout)
     device = dist.device
     out = Path(out_dir)
     ckpt_root = out / "checkpoints"
@@ -447,7 +449,7 @@ def train_decoder(*, cfg: TrainDecoderConfig, out_dir: str | Path) -> TrainResul
 
     # -- resume ----------------------------------------------------------------------------------------------
     start = 0
-    ckpt = run_dir.latest_checkpoint(ckpt_root)
+    ckpt = distributed.from_main(run_dir.latest_checkpoint(ckpt_root), dist)  # every rank resumes from rank 0's pick
     if ckpt is not None:
         start = _load_checkpoint(ckpt, plan, decoder=decoder, ema=ema, disc=disc, opt_g=opt_g, opt_d=opt_d,
                                  scaler_g=scaler_g, scaler_d=scaler_d)

@@ -93,6 +93,9 @@ class TrainDiTConfig:
     schedule: ScheduleConfig = doc("Learning-rate schedule.", factory=ScheduleConfig)
 
     cache: Optional[str] = doc("Latent cache folder from `rae cache-latents` (set by --cache).", None)
+    cache_local_dir: Optional[str] = doc("Node-local scratch folder (e.g. $SLURM_TMPDIR/rae): each cache shard is "
+                                         "copied there on first use and read from the copy; null = read the cache "
+                                         "folder directly.", None)
     images: Optional[str] = doc("Image folder encoded on the fly (set by --data); class sub-folders = labels.", None)
     stats: str = doc("Latent statistics used to normalise: auto (the cache's own stats.safetensors, else rae.stats), "
                      "a file path / released name, or none (train on raw latents).", "auto")
@@ -116,6 +119,8 @@ class TrainDiTConfig:
     compile: bool = doc("torch.compile the model.", False)
     num_workers: int = doc("Data-loading worker processes per process (0 = in the main process).", 4)
     device: str = doc("auto, cpu or cuda (under torchrun: the local GPU).", "auto")
+    dist_timeout: Optional[float] = doc("Under torchrun: minutes a collective waits for the other processes before "
+                                        "the job fails (null = torch's default: NCCL 10, gloo 30).", None)
 
     log_every: int = doc("Steps between metric lines (metrics.jsonl, console, TensorBoard/W&B).", 100)
     ckpt_every_epochs: float = doc("Epochs between checkpoints (official: 10).", 10)
@@ -365,7 +370,7 @@ def _open_data(cfg: TrainDiTConfig, device: torch.device) -> _Data:
     if cfg.cache:
         from rae_cli.latent_cache import LatentCache
 
-        cache = LatentCache(cfg.cache)
+        cache = LatentCache(cfg.cache, local_dir=cfg.cache_local_dir)
         diff = [k for k in _ENCODER_KEYS if cache.rae.get(k) != getattr(cfg.rae, k)]
         if cache.rae.get("encoder_random_init") and cache.rae.get("seed") != cfg.rae.seed:
             diff.append("seed")
@@ -523,7 +528,7 @@ def train_dit(*, cfg: TrainDiTConfig, out_dir: str | Path) -> Path:
     """
     from rae_cli import distributed
 
-    dist = distributed.init(cfg.device)
+    dist = distributed.init(cfg.device, cfg.dist_timeout)
     try:
         return _train(cfg, Path(out_dir), dist)
     finally:
@@ -562,7 +567,7 @@ def _train(cfg: TrainDiTConfig, out: Path, dist) -> Path:
     optimizer = make_optimizer(model, cfg.optim, device)
     ckroot = out / "checkpoints"
     start = 0
-    last = latest_checkpoint(ckroot)
+    last = distributed.from_main(latest_checkpoint(ckroot), dist)  # every rank resumes from rank 0's pick
     if last is not None:
         strict_load(model, last.weights("model"), f"model weights {last.path}")
         ema.load_state_dict(last.weights("ema"), f"EMA weights {last.path}")

@@ -30,7 +30,7 @@ def train_decoder(
     from rae_cli import distributed
     from rae_cli.train_decoder import train_decoder as run
 
-    distributed.setup_logging(distributed.init(cfg.train.device))
+    distributed.setup_logging(distributed.init(cfg.train.device, cfg.train.dist_timeout))
     result = run(cfg=cfg, out_dir=out)
     if result.step == result.plan.total_steps:
         console.print(f"[green]done[/]: step {result.step}; decoder exported to {out / 'export'} "
