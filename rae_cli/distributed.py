@@ -50,10 +50,24 @@ def init(device: str = "auto", timeout_minutes: float | None = None) -> Dist:
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
     if world > 1 and not torch.distributed.is_initialized():
+        _warn_shared_rendezvous_store(rank)
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kwargs = {} if timeout_minutes is None else {"timeout": datetime.timedelta(minutes=timeout_minutes)}
         torch.distributed.init_process_group(backend=backend, **kwargs)
     return Dist(rank=rank, world_size=world, local_rank=local, device=dev)
+
+
+def _warn_shared_rendezvous_store(rank: int) -> None:
+    """torchrun (c10d rendezvous) lends its own store to the workers by default, and keeps it across restarts: a
+    restarted worker can then read the previous attempt's connection keys and fail to connect (gloo: "Connection
+    refused"; NCCL: a stale unique id), using up the restarts (pytorch/pytorch#135712). Setting
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` for torchrun gives every attempt a fresh store. Only torchrun reads it,
+    so a worker can only warn."""
+    if (rank == 0 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+            and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"):
+        log.warning("torchrun --max-restarts without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: a restart may fail to "
+                    "reconnect the processes (pytorch#135712); export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before "
+                    "torchrun (examples/multinode/env.sh does)")
 
 
 def shutdown() -> None:

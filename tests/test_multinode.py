@@ -217,3 +217,16 @@ def test_two_nodes_of_one_process_match_one_process(tmp_path):
     # Global rank 0 alone wrote the shared files: one metrics line per step.
     lines = [json.loads(x) for x in (tmp_path / "two/metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2, 3]
+
+
+def test_workers_warn_when_torchrun_restarts_share_its_store(monkeypatch, caplog):
+    from rae_cli.distributed import _warn_shared_rendezvous_store
+
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "2")
+    _warn_shared_rendezvous_store(0)
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in caplog.text
+    caplog.clear()
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # what torchrun exports once the variable is set
+    _warn_shared_rendezvous_store(0)
+    assert caplog.text == ""

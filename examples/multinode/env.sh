@@ -15,6 +15,11 @@ export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 # How long a collective waits is the rae setting dist_timeout=MINUTES (per command; torch's default: NCCL 10
 # min, gloo 30). Raise it where rank 0 does long work the others wait for (e.g. `rae sample` packing 50k images).
 
+# A fresh rendezvous store for every restart. By default torchrun lends its store to the workers and keeps it
+# across restarts, so restarted workers can read the previous attempt's connection keys and fail to connect
+# ("Connection refused" / a stale NCCL id), using up the restarts: pytorch/pytorch#135712.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+
 # Whole-job restarts after a worker fails, each resuming from the last checkpoint (torchrun --max-restarts).
 export RAE_MAX_RESTARTS=${RAE_MAX_RESTARTS:-3}
 
