@@ -214,7 +214,7 @@ def test_two_nodes_of_one_process_match_one_process(tmp_path):
     assert json.loads((tmp_path / "two/checkpoints/step-000000003/meta.json").read_text())["step"] == 3
     resume = torch.load(tmp_path / "two/checkpoints/step-000000003/resume.pt", weights_only=True)
     assert resume["world_size"] == 2
-    # Global rank 0 alone wrote the shared files: one metrics line per step.
+    # Global rank 0 alone wrote the shared files (each node has a LOCAL_RANK 0 here): one metrics line per step.
     lines = [json.loads(x) for x in (tmp_path / "two/metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2, 3]
 

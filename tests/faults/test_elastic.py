@@ -80,3 +80,35 @@ def test_sample_survives_a_killed_worker_without_duplicate_or_missing_image(tmp_
     with np.load(out / "samples.npz") as got, np.load(tmp_path / "ref" / "samples.npz") as want:
         np.testing.assert_array_equal(got["arr_0"], want["arr_0"])
     row.survived = True
+
+
+def test_cache_latents_survives_a_killed_worker(tmp_path, fault_report):
+    import json
+
+    from dit_training_helpers import image_folder
+    from rae_cli.config import resolve
+    from rae_cli.latent_cache import CacheLatentsConfig, cache_latents
+
+    images = image_folder(tmp_path / "images", per_class=3, classes=2)  # 6 images, 1 per shard
+    cache_latents(resolve(CacheLatentsConfig, preset="tiny", overrides=["shard_size=1"]), images,
+                  tmp_path / "ref")
+
+    row = fault_report.injected("SIGKILL rank 1 of 2 after cache-latents wrote shard 3 (torchrun --max-restarts=2)")
+    out = tmp_path / "run"
+    run = torchrun(2, "cache-latents", str(images), "--out", str(out), "-p", "tiny", "shard_size=1",
+                   restarts=2, env_extra=kill_rank1("cache-shard@3"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Signals.SIGKILL" in run.stderr or "exitcode: -9" in run.stderr, run.stderr[-3000:]
+    names = sorted(p.name for p in out.iterdir() if p.name.startswith("shard-"))
+    assert names == [f"shard-{s:05d}.safetensors" for s in range(6)]  # each shard once, no temporary left
+    row.files_lost = 6 - len(names)
+    for name in names:
+        a, b = load_file(str(tmp_path / "ref" / name)), load_file(str(out / name))
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-6, msg=f"{name}:{k}")
+    sa, sb = load_file(str(tmp_path / "ref/stats.safetensors")), load_file(str(out / "stats.safetensors"))
+    for k in ("mean", "var"):  # float64 sums over 2 processes vs 1: equal up to rounding
+        torch.testing.assert_close(sa[k], sb[k], rtol=1e-6, atol=1e-6)
+    ia, ib = (json.loads((p / "index.json").read_text()) for p in (tmp_path / "ref", out))
+    assert ia["shards"] == ib["shards"] and ib["num_images"] == 6
+    row.survived = True
