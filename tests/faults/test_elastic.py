@@ -112,3 +112,27 @@ def test_cache_latents_survives_a_killed_worker(tmp_path, fault_report):
     ia, ib = (json.loads((p / "index.json").read_text()) for p in (tmp_path / "ref", out))
     assert ia["shards"] == ib["shards"] and ib["num_images"] == 6
     row.survived = True
+
+
+def test_train_decoder_survives_a_killed_worker_bit_for_bit(tmp_path, fault_report):
+    from test_train_decoder_ddp import _write_images
+
+    images = tmp_path / "images"
+    _write_images(images)  # 10 images; 2 held out
+    # TEST DOUBLES: random-init encoder and discriminator backbone (tiny preset), no LPIPS.
+    common = ["train-decoder", str(images), "-p", "tiny", "loss.perceptual_weight=0", "train.micro_batch_size=1",
+              "train.epochs=3", "train.ckpt_every=2"]  # 6 steps of 4 images = 2 processes × 1 × 2 accumulation
+    ref = torchrun(2, *common, "--out", str(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    row = fault_report.injected("SIGKILL rank 1 of 2 at train-decoder step 3 (torchrun --max-restarts=2)")
+    run = torchrun(2, *common, "--out", str(tmp_path / "run"), restarts=2, env_extra=kill_rank1("train-step@3"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Signals.SIGKILL" in run.stderr or "exitcode: -9" in run.stderr, run.stderr[-3000:]
+    assert "resuming from" in run.stderr and "step-000000002" in run.stderr
+    final = "checkpoints/step-000000006"
+    for name in ("decoder", "ema", "disc"):
+        a = load_file(str(tmp_path / "ref" / final / f"{name}.safetensors"))
+        b = load_file(str(tmp_path / "run" / final / f"{name}.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name  # bit for bit
+    row.survived = True
