@@ -115,8 +115,7 @@ class SampleConfig:
     dtype: str = doc("fp32, or bf16 (autocast for the networks; the sampler state stays fp32).", "fp32")
     device: str = doc("auto, cpu or cuda (torchrun: one GPU per process).", "auto")
     dist_timeout: Optional[float] = doc("Under torchrun: minutes a collective waits for the other processes before "
-                                        "the job fails (null = torch's default: NCCL 10, gloo 30). Rank 0 packs the "
-                                        ".npz while the others wait: raise it for 50k images.", None)
+                                        "the job fails (null = torch's default: NCCL 10, gloo 30).", None)
     decode: bool = doc("Decode to images; false = save the sampled (normalised) latents only.", True)
     grid_images: int = doc("How many images go into grid.png (0 = no grid).", 64)
     npz: bool = doc("Write samples.npz (ADM evaluation format) when all images exist.", True)

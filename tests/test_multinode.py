@@ -137,7 +137,8 @@ def _recording_torchrun(tmp_path: Path) -> str:
     """A stand-in for torchrun that writes its arguments (one per line) to calls/<SLURM_NODEID>."""
     calls = tmp_path / "calls"
     calls.mkdir()
-    _stub(tmp_path / "torchrun", f'printf "%s\\n" "$@" > {calls}/"$SLURM_NODEID"\n')
+    _stub(tmp_path / "torchrun", f'printf "%s\\n" "$@" > {calls}/"$SLURM_NODEID"\n'
+                                 f'echo "$TORCH_DISABLE_SHARE_RDZV_TCP_STORE" > {calls}/"$SLURM_NODEID.share"\n')
     return str(tmp_path / "torchrun")
 
 
@@ -147,7 +148,7 @@ def test_sbatch_script_starts_one_torchrun_per_node_with_one_rendezvous(tmp_path
     proc = subprocess.run(["bash", str(MULTINODE / "rae.sbatch"), "train-dit", "-p", "tiny", "--out", "runs/x",
                            "seed=3"], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    calls = {p.name: p.read_text().splitlines() for p in (tmp_path / "calls").iterdir()}
+    calls = {p.name: p.read_text().splitlines() for p in (tmp_path / "calls").iterdir() if "." not in p.name}
     assert sorted(calls) == ["0", "1", "2"]  # one torchrun per node
     assert calls["0"] == calls["1"] == calls["2"]  # ... all with the same rendezvous
     args = calls["0"]
@@ -158,6 +159,7 @@ def test_sbatch_script_starts_one_torchrun_per_node_with_one_rendezvous(tmp_path
             "--max-restarts=3"} <= set(args)
     assert args[args.index("-m"):] == ["-m", "rae_cli", "train-dit", "-p", "tiny", "--out", "runs/x", "seed=3"]
     assert "show hostnames node[01-03]" in log.read_text()
+    assert (tmp_path / "calls" / "0.share").read_text().strip() == "1"  # env.sh: a fresh store per restart
     assert "rendezvous node01:" in proc.stderr
 
 

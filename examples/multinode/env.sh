@@ -13,7 +13,8 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 
 # How long a collective waits is the rae setting dist_timeout=MINUTES (per command; torch's default: NCCL 10
-# min, gloo 30). Raise it where rank 0 does long work the others wait for (e.g. `rae sample` packing 50k images).
+# min, gloo 30). Raise it where rank 0 does long work the others wait for (e.g. the first checkpoint of
+# an XL model on a slow filesystem).
 
 # A fresh rendezvous store for every restart. By default torchrun lends its store to the workers and keeps it
 # across restarts, so restarted workers can read the previous attempt's connection keys and fail to connect
