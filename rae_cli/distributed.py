@@ -37,8 +37,8 @@ def init(device: str = "auto", timeout_minutes: float | None = None) -> Dist:
 
     ``timeout_minutes`` bounds how long a collective (a barrier, a gradient all-reduce) waits for the other
     processes before failing; null = torch's default (10 min for NCCL, 30 for gloo). On many nodes raise it when
-    rank 0 does long work that the others wait for (the first checkpoint on a slow parallel filesystem, the
-    packing of a 50k-image .npz). A process that fails ends the torchrun job, which then restarts (or stops).
+    rank 0 does long work that the others wait for (a large checkpoint written to a slow parallel filesystem). A
+    process that fails ends the torchrun job, which then restarts (or stops).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
