@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 from dataclasses import dataclass
@@ -31,8 +32,14 @@ class Dist:
         return self.world_size > 1
 
 
-def init(device: str = "auto") -> Dist:
-    """Initialise torch.distributed if launched by torchrun (``WORLD_SIZE`` > 1); pick the device."""
+def init(device: str = "auto", timeout_minutes: float | None = None) -> Dist:
+    """Initialise torch.distributed if launched by torchrun (``WORLD_SIZE`` > 1); pick the device.
+
+    ``timeout_minutes`` bounds how long a collective (a barrier, a gradient all-reduce) waits for the other
+    processes before failing; null = torch's default (10 min for NCCL, 30 for gloo). On many nodes raise it when
+    rank 0 does long work that the others wait for (a large checkpoint written to a slow parallel filesystem). A
+    process that fails ends the torchrun job, which then restarts (or stops).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -43,9 +50,24 @@ def init(device: str = "auto") -> Dist:
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
     if world > 1 and not torch.distributed.is_initialized():
+        _warn_shared_rendezvous_store(rank)
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend=backend)
+        kwargs = {} if timeout_minutes is None else {"timeout": datetime.timedelta(minutes=timeout_minutes)}
+        torch.distributed.init_process_group(backend=backend, **kwargs)
     return Dist(rank=rank, world_size=world, local_rank=local, device=dev)
+
+
+def _warn_shared_rendezvous_store(rank: int) -> None:
+    """torchrun (c10d rendezvous) lends its own store to the workers by default, and keeps it across restarts: a
+    restarted worker can then read the previous attempt's connection keys and fail to connect (gloo: "Connection
+    refused"; NCCL: a stale unique id), using up the restarts (pytorch/pytorch#135712). Setting
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` for torchrun gives every attempt a fresh store. Only torchrun reads it,
+    so a worker can only warn."""
+    if (rank == 0 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+            and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"):
+        log.warning("torchrun --max-restarts without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: a restart may fail to "
+                    "reconnect the processes (pytorch#135712); export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before "
+                    "torchrun (examples/multinode/env.sh does)")
 
 
 def shutdown() -> None:
@@ -78,6 +100,13 @@ def broadcast_object(obj, dist: Dist, src: int = 0):
     box = [obj]
     torch.distributed.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def from_main(obj, dist: Dist):
+    """Rank 0's value of ``obj`` on every rank: what the ranks must agree on (the checkpoint to resume from, the
+    work left) is decided once, on rank 0, instead of by each node's own look at a shared filesystem, whose
+    listings may lag on other nodes (NFS attribute caches) or change under them (rank 0 cleaning up)."""
+    return broadcast_object(obj if dist.is_main else None, dist)
 
 
 def derive_seed(*parts: int) -> int:

@@ -151,7 +151,7 @@ def open_data(cfg: TrainDiTConfig, device: torch.device) -> Data:
     if cfg.cache:
         from rae_cli.latent_cache import LatentCache
 
-        cache = LatentCache(cfg.cache)
+        cache = LatentCache(cfg.cache, local_dir=cfg.cache_local_dir)
         diff = [k for k in _ENCODER_KEYS if cache.rae.get(k) != getattr(cfg.rae, k)]
         if cache.rae.get("encoder_random_init") and cache.rae.get("seed") != cfg.rae.seed:
             diff.append("seed")

@@ -16,7 +16,9 @@ A shard is complete iff its file exists. It holds ``latents`` (N, C, h, w) in th
 (the encoder's LayerNorm output, not normalised): ``train-dit`` normalises them with the statistics it is configured
 with. Shards are standard safetensors files; for reading, the tensor bytes are memory-mapped directly with numpy
 (offsets from the safetensors header), so a random batch is a fancy index into the page cache (bf16 is mapped as
-uint16 and re-viewed). Work is split over torchrun processes by shard (shard s → rank s mod world).
+uint16 and re-viewed); a reader opens a shard only when it first reads one of its rows. Work is split over torchrun
+processes by shard (shard s → rank s mod world). On many nodes the cache folder is one path every node mounts
+(a parallel filesystem); readers can copy shards to node-local scratch (:class:`LatentCache` ``local_dir``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import hashlib
 import json
 import logging
 import math
+import os
+import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +72,8 @@ class CacheLatentsConfig:
     num_workers: int = doc("Image-decoding worker processes per process (0 = decode in the main process).", 4)
     precision: str = doc("Encoder precision: fp32 (official) or bf16 autocast.", "fp32")
     device: str = doc("auto, cpu or cuda (under torchrun: the local GPU).", "auto")
+    dist_timeout: Optional[float] = doc("Under torchrun: minutes a collective waits for the other processes before "
+                                        "the job fails (null = torch's default: NCCL 10, gloo 30).", None)
 
     def validate(self) -> None:
         if self.dtype not in DTYPES:
@@ -195,7 +201,7 @@ def cache_latents(cfg: CacheLatentsConfig, images: str | Path, out_dir: str | Pa
     from rae_cli.config import save_resolved
     from rae_cli.data import scan_image_folder
 
-    dist = distributed.init(cfg.device)
+    dist = distributed.init(cfg.device, cfg.dist_timeout)
     out = Path(out_dir)
     data = scan_image_folder(images)
     root = Path(images)
@@ -210,7 +216,10 @@ def cache_latents(cfg: CacheLatentsConfig, images: str | Path, out_dir: str | Pa
             save_resolved(cfg, out / "config.yaml", extra={"images": str(root.resolve())})
     num_shards = math.ceil(len(data.files) / cfg.shard_size)
     missing = [s for s in range(num_shards) if not _shard_intact(out / shard_name(s), warn=dist.is_main)]
-    if not missing and (out / INDEX_FILE).is_file() and (out / STATS_FILE).is_file():
+    complete = not missing and (out / INDEX_FILE).is_file() and (out / STATS_FILE).is_file()
+    # Rank 0's listing, so that every rank agrees on the work left (and on whether there is any).
+    missing, complete = distributed.from_main((missing, complete), dist)
+    if complete:
         if dist.is_main:
             log.info("latent cache %s is already complete (%d shards); nothing to do", out, num_shards)
         return out
@@ -406,10 +415,19 @@ def _as_float(arr: np.ndarray) -> torch.Tensor:
 class LatentCache:
     """Read side of a latent cache: random access to (latent, label) by row, memory-mapped.
 
-    Rows are image-major: the ``copies`` rows of image k are k·copies + (0: original, 1: mirror).
+    Rows are image-major: the ``copies`` rows of image k are k·copies + (0: original, 1: mirror). Opening the
+    cache reads ``index.json`` only; a shard file is opened and memory-mapped the first time one of its rows is
+    read, in each process, so a process touches only the shards its samples come from (on a parallel filesystem,
+    many nodes do not all open every file up front).
+
+    ``local_dir`` (optional, node-local scratch such as ``$SLURM_TMPDIR``): each shard is first copied there, on
+    first use, and the copy is mapped instead of the shared file, so repeated random reads hit the local disk.
+    Copies live under ``local_dir/<hash of the cache path>/`` and are current while their size and modification
+    time match the shared file's; a copy is written to a temporary name and renamed, so the processes of one node
+    can race for it safely.
     """
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, local_dir: str | Path | None = None):
         self.root = Path(root)
         path = self.root / INDEX_FILE
         if not path.is_file():
@@ -424,32 +442,63 @@ class LatentCache:
         self.num_classes = int(self.index["num_classes"])
         self.num_images = int(self.index["num_images"])
         self.rae = dict(self.index["rae"])
-        self._files, starts = [], [0]
+        self.local_dir = None
+        if local_dir is not None:
+            key = hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:16]  # one folder per cache
+            self.local_dir = Path(local_dir) / key
+        self._files, self._entries, starts = [], [], [0]
         for sh in self.index["shards"]:
             if sh["entries"] == 0:
                 continue
-            path = self.root / sh["file"]
-            if not _shard_intact(path):
-                raise DataError(f"{path} is missing or damaged (truncated?); re-run `rae cache-latents` on the same "
-                                "images and --out to encode it again")
-            header, _ = _read_header(path)
-            if tuple(header["latents"]["shape"]) != (sh["entries"], *self.latent_shape):
-                raise DataError(f"{path} does not match {INDEX_FILE}; re-run cache-latents")
-            self._files.append(path)
+            self._files.append(self.root / sh["file"])
+            self._entries.append(int(sh["entries"]))
             starts.append(starts[-1] + sh["entries"])
         self._starts = np.asarray(starts, dtype=np.int64)
-        self._maps: list[dict[str, np.ndarray]] | None = None  # opened on first read, in each process
+        self._maps: dict[int, dict[str, np.ndarray]] = {}  # shard → its arrays, opened on first read
         if self.num_images == 0:
             raise DataError(f"{self.root} holds no latents (every image was unreadable?)")
 
     def __getstate__(self) -> dict:
         # Data-loader workers re-open the memory maps instead of receiving pickled copies of them.
-        return {**self.__dict__, "_maps": None}
+        return {**self.__dict__, "_maps": {}}
 
-    def _shards(self) -> list[dict[str, np.ndarray]]:
-        if self._maps is None:
-            self._maps = [read_shard_arrays(p) for p in self._files]
-        return self._maps
+    def _shard(self, s: int) -> dict[str, np.ndarray]:
+        """The memory-mapped arrays of shard ``s`` (the s-th non-empty shard), opened and checked on first use."""
+        maps = self._maps.get(s)
+        if maps is None:
+            if not _shard_intact(self._files[s]):
+                raise DataError(f"{self._files[s]} is missing or damaged (truncated?); re-run `rae cache-latents` on "
+                                "the same images and --out to encode it again")
+            path = self._files[s] if self.local_dir is None else self._local_copy(self._files[s])
+            maps = read_shard_arrays(path)
+            if tuple(maps["latents"].shape) != (self._entries[s], *self.latent_shape):
+                raise DataError(f"{path} does not match {self.root / INDEX_FILE}; re-run cache-latents")
+            self._maps[s] = maps
+        return maps
+
+    def _local_copy(self, src: Path) -> Path:
+        """``src`` copied into the node-local ``local_dir``, once per node: a copy counts as current while its size
+        and modification time equal the source's (a rebuilt cache has new times, so stale copies are replaced)."""
+        dst = self.local_dir / src.name
+        try:
+            st = src.stat()
+            if dst.is_file():
+                have = dst.stat()
+                if (have.st_size, have.st_mtime_ns) == (st.st_size, st.st_mtime_ns):
+                    return dst
+            self.local_dir.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+            shutil.copyfile(src, tmp)
+            os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+            os.replace(tmp, dst)
+        except OSError as e:
+            raise DataError(f"cannot copy cache shard {src} to the local folder {self.local_dir} ({e})") from e
+        return dst
+
+    @property
+    def open_shards(self) -> list[Path]:
+        """The shard files this process has opened so far (in the shared cache folder)."""
+        return [self._files[s] for s in sorted(self._maps)]
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -473,12 +522,12 @@ class LatentCache:
         shard = np.searchsorted(self._starts, rows, side="right") - 1  # (B,)
         lat = torch.empty((rows.size, *self.latent_shape), dtype=torch.float32)
         lab = torch.empty(rows.size, dtype=torch.int64)
-        maps = self._shards()
         for s in np.unique(shard):
+            maps = self._shard(int(s))
             where = np.nonzero(shard == s)[0]
             local = rows[where] - self._starts[s]
             order = np.argsort(local, kind="stable")  # sorted reads are kinder to the page cache
-            lat[torch.from_numpy(where[order])] = _as_float(maps[s]["latents"][local[order]])
-            lab[torch.from_numpy(where)] = torch.from_numpy(np.asarray(maps[s]["labels"][local], dtype=np.int64))
+            lat[torch.from_numpy(where[order])] = _as_float(maps["latents"][local[order]])
+            lab[torch.from_numpy(where)] = torch.from_numpy(np.asarray(maps["labels"][local], dtype=np.int64))
         return lat, lab
 

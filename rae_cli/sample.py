@@ -117,6 +117,8 @@ class SampleConfig:
     batch_size: int = doc("Images per forward pass, per process (does not change the images).", 16)
     dtype: str = doc("fp32, or bf16 (autocast for the networks; the sampler state stays fp32).", "fp32")
     device: str = doc("auto, cpu or cuda (torchrun: one GPU per process).", "auto")
+    dist_timeout: Optional[float] = doc("Under torchrun: minutes a collective waits for the other processes before "
+                                        "the job fails (null = torch's default: NCCL 10, gloo 30).", None)
     decode: bool = doc("Decode to images; false = save the sampled (normalised) latents only.", True)
     grid_images: int = doc("How many images go into grid.png (0 = no grid).", 64)
     npz: bool = doc("Write samples.npz (ADM evaluation format) when all images exist.", True)
@@ -148,7 +150,7 @@ class SampleConfig:
 
 
 # Keys that do not change which images come out: a resumed run may change them.
-_FREE_KEYS = {"batch_size", "device", "grid_images", "npz", "rae_version"}
+_FREE_KEYS = {"batch_size", "device", "dist_timeout", "grid_images", "npz", "rae_version"}
 
 
 def resolve_sample_config(preset: str | None, overrides: list[str] = ()) -> tuple[dict, SampleConfig]:
@@ -431,7 +433,7 @@ def sample(cfg: SampleConfig, out_dir: str | Path) -> SampleSummary:
     from rae_cli.config import save_resolved
     from rae_cli.npz import png_complete
 
-    dist = distributed.init(cfg.device)
+    dist = distributed.init(cfg.device, cfg.dist_timeout)
     device = dist.device
     out_dir = Path(out_dir)
     _check_resumable(cfg, out_dir)  # on every rank, so that all of them stop together
@@ -509,7 +511,8 @@ def sample(cfg: SampleConfig, out_dir: str | Path) -> SampleSummary:
             "npz_pixels": "uint8(clamp(x, 0, 1) * 255), truncated (official sampler)",
         }
         atomic_write_json(out_dir / INFO_NAME, info)
-    distributed.barrier(dist)
+    # No barrier here: the other ranks need nothing from rank 0's packing (minutes for 50k images), and a collective
+    # waiting on it could time out (NCCL: 10 min) and fail the whole job. torchrun waits for every process anyway.
     return summary
 
 

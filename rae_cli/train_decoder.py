@@ -112,7 +112,7 @@ def train_decoder(*, cfg: TrainDecoderConfig, out_dir: str | Path) -> TrainResul
 
     if not cfg.data.path:
         raise ConfigError("data.path is not set: give the training image folder")
-    with distributed_session(cfg.train.device) as dist:
+    with distributed_session(cfg.train.device, timeout_minutes=cfg.train.dist_timeout) as dist:
         return _train(cfg, Path(out_dir), dist)
 
 

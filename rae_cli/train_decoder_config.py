@@ -54,6 +54,8 @@ class DecoderTrainConfig:
                         "modules').", False)
     seed: int = doc("Seed of the data order, crops, latent noise and DiffAug (derived per rank and step).", 0)
     device: str = doc("auto, cpu or cuda (under torchrun: the local GPU).", "auto")
+    dist_timeout: Optional[float] = doc("Under torchrun: minutes a collective waits for the other processes before "
+                                        "the job fails (null = torch's default: NCCL 10, gloo 30).", None)
     log_every: int = doc("Log averaged losses every this many steps.", 100)
     ckpt_every: int = doc("Save a checkpoint every this many steps (and always at the end).", 2500)
     ckpt_every_minutes: Optional[float] = doc("Also save when this many minutes of wall time have passed since the "

@@ -197,7 +197,7 @@ def train_dit(*, cfg: TrainDiTConfig, out_dir: str | Path) -> Path:
     """
     from rae_cli.training.session import distributed_session
 
-    with distributed_session(cfg.device) as dist:
+    with distributed_session(cfg.device, timeout_minutes=cfg.dist_timeout) as dist:
         return _train(cfg, Path(out_dir), dist)
 
 

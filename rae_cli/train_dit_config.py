@@ -62,6 +62,9 @@ class TrainDiTConfig:
     schedule: ScheduleConfig = doc("Learning-rate schedule.", factory=ScheduleConfig)
 
     cache: Optional[str] = doc("Latent cache folder from `rae cache-latents` (set by --cache).", None)
+    cache_local_dir: Optional[str] = doc("Node-local scratch folder (e.g. $SLURM_TMPDIR/rae): each cache shard is "
+                                         "copied there on first use and read from the copy; null = read the cache "
+                                         "folder directly.", None)
     images: Optional[str] = doc("Image folder encoded on the fly (set by --data); class sub-folders = labels.", None)
     stats: str = doc("Latent statistics used to normalise: auto (the cache's own stats.safetensors, else rae.stats), "
                      "a file path / released name, or none (train on raw latents).", "auto")
@@ -85,6 +88,8 @@ class TrainDiTConfig:
     compile: bool = doc("torch.compile the model.", False)
     num_workers: int = doc("Data-loading worker processes per process (0 = in the main process).", 4)
     device: str = doc("auto, cpu or cuda (under torchrun: the local GPU).", "auto")
+    dist_timeout: Optional[float] = doc("Under torchrun: minutes a collective waits for the other processes before "
+                                        "the job fails (null = torch's default: NCCL 10, gloo 30).", None)
 
     log_every: int = doc("Steps between metric lines (metrics.jsonl, console, TensorBoard/W&B).", 100)
     ckpt_every_epochs: float = doc("Epochs between checkpoints (official: 10).", 10)
