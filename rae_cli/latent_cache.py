@@ -466,10 +466,13 @@ class LatentCache:
         """The memory-mapped arrays of shard ``s`` (the s-th non-empty shard), opened and checked on first use."""
         maps = self._maps.get(s)
         if maps is None:
-            if not _shard_intact(self._files[s]):
-                raise DataError(f"{self._files[s]} is missing or damaged (truncated?); re-run `rae cache-latents` on "
-                                "the same images and --out to encode it again")
+            if not self._files[s].exists():
+                raise DataError(f"{self._files[s]} is missing; re-run `rae cache-latents` on the same images and "
+                                "--out to encode it again")
             path = self._files[s] if self.local_dir is None else self._local_copy(self._files[s])
+            if not _shard_intact(path):
+                raise DataError(f"{path} is damaged (truncated?); re-run `rae cache-latents` on the same images and "
+                                f"--out to encode {self._files[s].name} again")
             maps = read_shard_arrays(path)
             if tuple(maps["latents"].shape) != (self._entries[s], *self.latent_shape):
                 raise DataError(f"{path} does not match {self.root / INDEX_FILE}; re-run cache-latents")
