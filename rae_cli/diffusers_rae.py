@@ -366,6 +366,20 @@ def export(rae, out_dir: str | Path) -> Path:
     return out
 
 
+def export_preset(rae_preset: str | Path, out_dir: str | Path) -> Path:
+    """Build the RAE of an rae preset/YAML (encoder, decoder weights, statistics) and ``export`` it."""
+    import logging
+
+    from rae_cli.build import build_rae
+    from rae_cli.config import resolve
+    from rae_cli.schema import RAEConfig
+
+    rae = build_rae(resolve(RAEConfig, str(rae_preset))).eval()
+    if rae.encoder.is_random_init:
+        logging.getLogger(__name__).warning("exporting a RANDOM-INIT encoder (test only) into %s", out_dir)
+    return export(rae, out_dir)
+
+
 def _siglip_is_wrapped() -> bool:
     """transformers 4.x ``SiglipVisionModel`` wraps the tower in ``.vision_model`` (5.x does not)."""
     import transformers
