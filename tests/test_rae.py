@@ -35,6 +35,24 @@ def built(parity):
     return _build(parity)
 
 
+def _tiny(noise_tau: float = 0.0, with_stats: bool = True) -> RAE:
+    """An inline tiny RAE (the rae/tiny preset: random-init 2-layer DINOv2 config, 32×4×4 latents), for the tests
+    that need no official outputs."""
+    from rae_cli.build import build_rae
+    from rae_cli.config import resolve
+    from rae_cli.schema import RAEConfig
+
+    rae = build_rae(resolve(RAEConfig, "tiny", [f"noise_tau={noise_tau}"]))
+    if with_stats:
+        g = torch.Generator().manual_seed(0)
+        rae.set_latent_stats(torch.randn(rae.latent_shape, generator=g), 0.5 + torch.rand(rae.latent_shape, generator=g))
+    return rae.eval()
+
+
+def _images(rae: RAE, n: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.rand(n, 3, rae.image_size + 8, rae.image_size + 8, generator=torch.Generator().manual_seed(seed))
+
+
 def test_rae_encode_parity_all_intermediates(built):
     rae, t, _ = built
     seen = {}
@@ -87,9 +105,9 @@ def test_rae_state_dicts_parity(built):
     assert all(torch.equal(rae.decoder.state_dict()[k], v) for k, v in official_decoder.items())
 
 
-def test_noise_only_in_training_uniform_sigma_per_sample(parity):
-    rae, t, _ = _build(parity, with_stats=False, noise_tau=0.8)
-    x = t["input.image_64"]
+def test_noise_only_in_training_uniform_sigma_per_sample():
+    rae = _tiny(noise_tau=0.8, with_stats=False)
+    x = _images(rae)
     clean = rae.encode(x)
     rae.train()
     assert rae.decoder.training and not rae.encoder.training  # the frozen encoder never trains
@@ -98,8 +116,9 @@ def test_noise_only_in_training_uniform_sigma_per_sample(parity):
     assert torch.equal(noisy, again)  # reproducible from the generator
 
     g = torch.Generator().manual_seed(3)  # the official draw order: σ = τ·U(0,1) per sample, then ε ~ N(0, I)
-    sigma = 0.8 * torch.rand(2, 1, 1, generator=g)
-    eps = torch.randn(2, 16, 32, generator=g)  # (B, N, C) tokens
+    B, (C, h, w) = len(x), rae.latent_shape
+    sigma = 0.8 * torch.rand(B, 1, 1, generator=g)
+    eps = torch.randn(B, h * w, C, generator=g)  # (B, N, C) tokens
     expected = clean + (sigma * eps).transpose(1, 2).reshape(clean.shape)
     torch.testing.assert_close(noisy, expected, atol=1e-5, rtol=0)
 
@@ -107,34 +126,30 @@ def test_noise_only_in_training_uniform_sigma_per_sample(parity):
     torch.testing.assert_close(rae.encode(x), clean, atol=1e-6, rtol=0)
 
 
-def test_gradients_reach_decoder_only(built):
-    rae, t, _ = built
-    rae.train()
-    try:
-        recon = rae(t["input.image_64"])
-        (recon - t["input.image_64"][..., :32, :32]).abs().mean().backward()
-        assert all(p.grad is None for p in rae.encoder.parameters())
-        assert rae.decoder.decoder_pred.weight.grad is not None
-    finally:
-        rae.decoder.zero_grad(set_to_none=True)
-        rae.eval()
+def test_gradients_reach_decoder_only():
+    rae = _tiny().train()
+    x = _images(rae)
+    recon = rae(x)
+    (recon - x[..., :rae.image_size, :rae.image_size]).abs().mean().backward()
+    assert all(p.grad is None for p in rae.encoder.parameters())
+    assert rae.decoder.decoder_pred.weight.grad is not None
 
 
-def test_stats_shape_and_missing_entries(built):
-    rae, t, _ = built
+def test_stats_shape_and_missing_entries():
+    rae = _tiny()
     with pytest.raises(ValueError, match="latent shape"):
         rae.set_latent_stats(torch.zeros(3, 4, 4), None)
-    mean_only = RAE(rae.encoder, rae.decoder, input_size=rae.input_size, latent_mean=t["latent_mean"])
-    assert torch.equal(mean_only.latent_var, torch.ones_like(t["latent_mean"]))  # official: missing var = 1
+    mean = torch.randn(rae.latent_shape)
+    mean_only = RAE(rae.encoder, rae.decoder, input_size=rae.input_size, latent_mean=mean)
+    assert torch.equal(mean_only.latent_var, torch.ones_like(mean))  # official: missing var = 1
 
 
-def test_from_encoder_and_input_checks(built):
-    rae, _, _ = built
-    fresh = RAE.from_encoder(rae.encoder, input_size=56, decoder_size="ViT-B", decoder_patch_size=8)
-    assert fresh.latent_shape == (32, 4, 4)
-    assert fresh.decoder.num_patches == 16 and fresh.decoder.hidden_size == 768
-    assert fresh.image_size == 32 and fresh.has_stats is False
+def test_from_encoder_and_input_checks():
+    rae = _tiny()
+    C, h, _ = rae.latent_shape
+    fresh = RAE.from_encoder(rae.encoder, input_size=rae.input_size, decoder_size="ViT-B", decoder_patch_size=8)
+    assert fresh.latent_shape == rae.latent_shape
+    assert fresh.decoder.num_patches == h * h and fresh.decoder.hidden_size == 768
+    assert fresh.image_size == 8 * h and fresh.has_stats is False
     with pytest.raises(ValueError, match="images"):
-        rae.encode(torch.zeros(1, 1, 56, 56))
-    with pytest.raises(ValueError, match="multiple"):
-        RAE(rae.encoder, rae.decoder, input_size=50)
+        rae.encode(torch.zeros(1, 1, rae.input_size, rae.input_size))
