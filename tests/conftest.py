@@ -2,25 +2,9 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-PARITY_DEFAULT = REPO / "tests" / "fixtures" / "parity"
-
-
-def parity_dir() -> Path:
-    """The official-output fixtures: ``$RAE_PARITY_DIR``, default ``tests/fixtures/parity`` (in the repository).
-
-    Another set of the same format (other seeds and sizes) can be pointed at with ``RAE_PARITY_DIR``: every
-    parity test reads its sizes, seeds and shapes from the fixture metadata.
-    """
-    env = os.environ.get("RAE_PARITY_DIR")
-    return Path(env).expanduser() if env else PARITY_DEFAULT
+from parity_fixtures import REPO, parity_dir, sub_state_dict  # noqa: F401  (re-exported)
 
 
 @pytest.fixture(scope="session")
@@ -40,6 +24,12 @@ def parity():
     return load
 
 
-def sub_state_dict(tensors: dict, prefix: str) -> dict:
-    """The entries of ``tensors`` under ``prefix`` (e.g. ``"state_dict."``) with the prefix removed."""
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+def pytest_collection_modifyitems(config, items):
+    """Every test that reads the official-output fixtures says so in its name (`-k parity` selects them all), and
+    every test named parity reads them: tests that need no official outputs build inline tiny models instead."""
+    wrong = [item.nodeid for item in items
+             if ("parity" in getattr(item, "fixturenames", ())) != ("parity" in item.name)
+             and "test_diffusers_rae.py" not in item.nodeid]  # diffusers parity: against diffusers, not fixtures
+    if wrong:
+        raise pytest.UsageError("tests using the `parity` fixture must have 'parity' in their name and vice versa: "
+                                + ", ".join(wrong))

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import sub_state_dict
+from parity_fixtures import sub_state_dict
 from rae_cli.encoders import (ENCODERS, RANDOM_INIT_WARNING, EfficientNetLite0Encoder, efficientnet_lite0_classifier,
                               load_encoder)
 from rae_cli.weights import WeightsNotFoundError
@@ -22,6 +22,22 @@ TINY_DINO = "official_format/tiny-dinov2-with-registers"
 def _no_network(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("RAE_HOME", str(tmp_path / "rae_home"))
+
+
+@pytest.fixture(scope="module")
+def tiny_dino_dir(tmp_path_factory):
+    """A tiny DINOv2-with-registers folder written by save_pretrained from the inline tiny config
+    (presets/_assets/tiny-dinov2-reg), for the tests that need no official outputs."""
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    from rae_cli.config import presets_root
+
+    assets = presets_root() / "_assets" / "tiny-dinov2-reg"
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("dino") / "tiny-dinov2-reg"
+    Dinov2WithRegistersModel(Dinov2WithRegistersConfig.from_pretrained(assets)).save_pretrained(path)
+    shutil.copy(assets / "preprocessor_config.json", path)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -99,18 +115,19 @@ def test_dinov2_state_dict_parity_official_keys_without_final_layernorm(parity):
     assert torch.equal(enc.encoder.embeddings.cls_token, official["embeddings.cls_token"] + 1)
 
 
-def test_encoder_is_frozen_and_stays_in_eval(parity):
-    enc = load_encoder("dinov2", str(parity.root / TINY_DINO))
+def test_encoder_is_frozen_and_stays_in_eval(tiny_dino_dir):
+    enc = load_encoder("dinov2", str(tiny_dino_dir))
     assert not any(p.requires_grad for p in enc.parameters())
     enc.train()
     assert not enc.training and not any(m.training for m in enc.modules())
 
 
-def test_local_copy_under_rae_home_is_used(parity, monkeypatch, tmp_path):
+def test_local_copy_under_rae_home_is_used(tiny_dino_dir, monkeypatch, tmp_path):
     _no_network(monkeypatch, tmp_path)
-    shutil.copytree(parity.root / TINY_DINO, tmp_path / "rae_home" / "encoders" / "dinov2-b")
+    shutil.copytree(tiny_dino_dir, tmp_path / "rae_home" / "encoders" / "dinov2-b")
     enc = load_encoder("dinov2-b")
-    assert enc.hidden_size == 32 and not enc.is_random_init
+    hidden = json.loads((tiny_dino_dir / "config.json").read_text())["hidden_size"]
+    assert enc.hidden_size == hidden != ENCODERS["dinov2-b"].config["hidden_size"] and not enc.is_random_init
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -234,12 +251,12 @@ def test_incomplete_local_folder_is_reported(tmp_path, monkeypatch):
         load_encoder("dinov2", str(tmp_path / "empty"))
 
 
-def test_checkpoint_missing_weights_is_an_error(parity, tmp_path, monkeypatch):
+def test_checkpoint_missing_weights_is_an_error(tiny_dino_dir, tmp_path, monkeypatch):
     from safetensors.torch import load_file, save_file
 
     _no_network(monkeypatch, tmp_path)
     folder = tmp_path / "partial"
-    shutil.copytree(parity.root / TINY_DINO, folder)
+    shutil.copytree(tiny_dino_dir, folder)
     tensors = load_file(str(folder / "model.safetensors"))
     del tensors["encoder.layer.1.mlp.fc1.weight"]
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})

@@ -6,13 +6,12 @@ import math
 
 import pytest
 import torch
-from conftest import sub_state_dict
+from parity_fixtures import sub_state_dict
 
 from rae_cli.checkpoint import strict_load
 from rae_cli.dit import DiTDH
 from rae_cli.flow import (draw_noise_and_time, interpolate, logit_normal_from_uniform, sample_time,
                           sample_training_loss, shift_from_shape, shift_time, training_loss, velocity_target)
-
 
 
 def _fixture_shift(meta) -> float:
@@ -111,7 +110,7 @@ def test_shifted_time_statistics_match_the_spec():
 
 def _shift_keys() -> list[str]:
     """The time-shift cases the fixture set holds (``timeshift.<key>.shift``), read at collection time."""
-    from conftest import parity_dir
+    from parity_fixtures import parity_dir
 
     from rae_cli.checkpoint import load_safetensors
 

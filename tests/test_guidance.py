@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import sub_state_dict
+from parity_fixtures import sub_state_dict
 
 from rae_cli.checkpoint import strict_load
 from rae_cli.dit import DiTDH, LightningDiT

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import sub_state_dict
+from parity_fixtures import sub_state_dict
 from rae_cli.checkpoint import CheckpointError, load_safetensors, torch_load_weights
 from rae_cli.decoder import ViTDecoder
 from rae_cli.latent_stats import load_stats
@@ -35,7 +35,7 @@ def test_load_official_decoder_parity(parity):
     torch.testing.assert_close(img, t["output.decode_of_z"], atol=2e-6, rtol=0)
 
 
-def test_convert_decoder_round_trip(parity, tmp_path):
+def test_convert_decoder_round_trip_parity(parity, tmp_path):
     src = parity.root / DECODER_PT
     arch = convert_decoder(src, tmp_path / "decoder.safetensors", parity.root / DECODER_CONFIG)
     tensors, meta = load_safetensors(tmp_path / "decoder.safetensors")
@@ -58,7 +58,7 @@ def test_convert_decoder_round_trip(parity, tmp_path):
 
 
 @pytest.mark.parametrize("key", ["decoder_layers.1.output.dense.bias", "decoder_embed.weight", "trainable_cls_token"])
-def test_missing_key_is_named(parity, tmp_path, key):
+def test_missing_key_is_named_parity(parity, tmp_path, key):
     sd = torch_load_weights(parity.root / DECODER_PT)
     del sd[key]
     torch.save(sd, tmp_path / "broken.pt")
@@ -66,7 +66,7 @@ def test_missing_key_is_named(parity, tmp_path, key):
         load_official_decoder(tmp_path / "broken.pt", parity.root / DECODER_CONFIG)
 
 
-def test_unexpected_key_and_config_mismatch_are_errors(parity, tmp_path):
+def test_unexpected_key_and_config_mismatch_are_errors_parity(parity, tmp_path):
     sd = torch_load_weights(parity.root / DECODER_PT)
     torch.save({**sd, "decoder_extra.weight": torch.zeros(1)}, tmp_path / "extra.pt")
     with pytest.raises(CheckpointError, match="decoder_extra.weight"):
@@ -79,7 +79,7 @@ def test_unexpected_key_and_config_mismatch_are_errors(parity, tmp_path):
         load_official_decoder(parity.root / DECODER_PT)
 
 
-def test_decoder_from_stage1_checkpoint_with_prefixes(parity, tmp_path):
+def test_decoder_from_stage1_checkpoint_with_prefixes_parity(parity, tmp_path):
     sd = torch_load_weights(parity.root / DECODER_PT)
     ckpt = {"step": 3, "model": {f"module.decoder.{k}": v + 1 for k, v in sd.items()},
             "ema": {f"module.decoder.{k}": v for k, v in sd.items()} | {"module.encoder.x": torch.zeros(1)}}
@@ -99,7 +99,7 @@ def test_arch_inferred_from_shapes_for_registered_width():
         infer_decoder_arch(sd, "ViT-L")
 
 
-def test_stats_official_and_converted(parity, tmp_path):
+def test_stats_official_and_converted_parity(parity, tmp_path):
     t, _ = parity("rae_encode")
     mean, var = load_stats(parity.root / STAT_PT)
     assert torch.equal(mean, t["latent_mean"]) and torch.equal(var, t["latent_var"])
@@ -108,7 +108,7 @@ def test_stats_official_and_converted(parity, tmp_path):
     assert torch.equal(mean2, mean) and torch.equal(var2, var)
 
 
-def test_stage2_checkpoint_variants(parity, tmp_path):
+def test_stage2_checkpoint_variants_parity(parity, tmp_path):
     raw = torch_load_weights(parity.root / STAGE2_PT)
     assert torch.equal(next(iter(load_stage2_state_dict(parity.root / STAGE2_PT).values())), next(iter(raw.values())))
 

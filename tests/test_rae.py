@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import sub_state_dict
+from parity_fixtures import sub_state_dict
 from rae_cli.checkpoint import strict_load, torch_load_weights
 from rae_cli.decoder import decoder_from_hf_config
 from rae_cli.encoders import load_encoder
