@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 bash examples/install.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
-python -m pytest -q "$@"
+status=0
+python -m pytest -q "$@" || status=$?   # the floor step still runs; the exit status reports both
 
 if [ "${RAE_SKIP_FLOOR:-0}" != "1" ]; then
   if [ ! -x .venv-floor/bin/python ]; then
@@ -22,5 +23,7 @@ if [ "${RAE_SKIP_FLOOR:-0}" != "1" ]; then
     > "$site/_rae_venv.pth"
   .venv-floor/bin/python -m pip install -q "transformers==4.56.*" "diffusers==0.39.*"
   echo "transformers floor: $(.venv-floor/bin/python -c 'import transformers; print(transformers.__version__)')"
-  .venv-floor/bin/python -m pytest -q -p no:cacheprovider tests/test_encoders.py tests/test_diffusers_rae.py
+  .venv-floor/bin/python -m pytest -q -p no:cacheprovider tests/test_encoders.py tests/test_diffusers_rae.py \
+    || status=$?
 fi
+exit $status
