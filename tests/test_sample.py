@@ -81,7 +81,7 @@ def official(parity):
            "decoder_patch_size": params["decoder_patch_size"], "decoder_weights": str(root / "tiny_decoder_model.pt"),
            "stats": str(root / "tiny_stat.pt"), "noise_tau": 0.0}
     return {"root": root, "stage2": root / "tiny_stage2_model.pt", "model_config": meta["model_config"],
-            "transport": tensors, "rae": rae}
+            "transport": tensors, "transport_meta": meta, "rae": rae}
 
 
 # An inline tiny DiT-DH (official DiTwDDTHead flags) for the tests that need no official outputs.
@@ -143,11 +143,13 @@ def test_official_stage2_sampling_parity(official):
     from rae_cli.sample import prepare
 
     t = official["transport"]
-    shift = float(t["timeshift.shift_sqrt48.shift"])
+    shift = float(str(official["transport_meta"]["time_dist_shift"]).split("=")[-1])  # the sampling shift
+    B = len(t["sample.y"])
     common = [f"checkpoint={official['stage2']}", f"dit={json.dumps(dit_section(official['model_config']))}",
               "decode=false", f"flow.shift={shift!r}", "num_steps=50"]
-    for extra, key, rows in (([], "sample.euler_50.final", 49 * 2),
-                             (["guidance.method=cfg", "guidance.scale=3.0"], "sample.euler_50_cfg3.final", 49 * 4)):
+    for extra, key, rows in (([], "sample.euler_50.final", 49 * B),
+                             (["guidance.method=cfg", "guidance.scale=3.0"], "sample.euler_50_cfg3.final",
+                              49 * 2 * B)):
         sampling, rae, stage2 = prepare(sample_cfg(*common, *extra))
         assert rae is None and stage2.latent_shape == (official["model_config"]["in_channels"],) + (
             official["model_config"]["input_size"],) * 2  # read off the weights
