@@ -16,8 +16,6 @@ from rae_cli.encoders import (ENCODERS, RANDOM_INIT_WARNING, EfficientNetLite0En
                               load_encoder)
 from rae_cli.weights import WeightsNotFoundError
 
-TINY_DINO = "official_format/tiny-dinov2-with-registers"
-
 
 def _no_network(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -83,15 +81,20 @@ def _file_tensors(path, prefix):
 # DINOv2
 
 
+def _fixture_encoder_dir(parity, meta):
+    return str(parity.root / meta["rae_params"]["encoder_config_path"])
+
+
 def test_dinov2_encoder_parity(parity):
     t, meta = parity("rae_encode")
-    enc = load_encoder("dinov2", str(parity.root / TINY_DINO))
+    enc = load_encoder("dinov2", _fixture_encoder_dir(parity, meta))
     assert enc.num_prefix_tokens == 1 + meta["dinov2_config"]["num_register_tokens"]
     assert enc.hidden_size == meta["dinov2_config"]["hidden_size"]
     assert enc.patch_size == meta["dinov2_config"]["patch_size"]
     assert enc.image_mean == tuple(meta["preprocessor"]["image_mean"])
     assert enc.image_std == tuple(meta["preprocessor"]["image_std"])
-    x = (t["inter.image_resized_56"] - t["encoder_mean"]) / t["encoder_std"]
+    n = meta["rae_params"]["encoder_input_size"]
+    x = (t[f"inter.image_resized_{n}"] - t["encoder_mean"]) / t["encoder_std"]
     with torch.no_grad():
         hidden = enc.encoder(pixel_values=x).last_hidden_state
         tokens = enc(x)
@@ -101,8 +104,8 @@ def test_dinov2_encoder_parity(parity):
 
 
 def test_dinov2_state_dict_parity_official_keys_without_final_layernorm(parity):
-    t, _ = parity("rae_encode")
-    enc = load_encoder("dinov2", str(parity.root / TINY_DINO))
+    t, meta = parity("rae_encode")
+    enc = load_encoder("dinov2", _fixture_encoder_dir(parity, meta))
     assert not any("layernorm" in k for k in enc.state_dict())
     official = sub_state_dict(t, "encoder_state_dict.")
     ours = sub_state_dict(enc.official_state_dict(), "encoder.")

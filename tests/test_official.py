@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -71,11 +73,11 @@ def test_unexpected_key_and_config_mismatch_are_errors_parity(parity, tmp_path):
     torch.save({**sd, "decoder_extra.weight": torch.zeros(1)}, tmp_path / "extra.pt")
     with pytest.raises(CheckpointError, match="decoder_extra.weight"):
         load_official_decoder(tmp_path / "extra.pt", parity.root / DECODER_CONFIG)
-    wrong_depth = {"decoder_hidden_size": 32, "decoder_num_hidden_layers": 3, "decoder_num_attention_heads": 2,
-                   "decoder_intermediate_size": 64, "hidden_act": "gelu"}
-    with pytest.raises(CheckpointError, match="depth=3"):
-        load_official_decoder(parity.root / DECODER_PT, wrong_depth)
-    with pytest.raises(CheckpointError, match="attention heads"):  # width 32 is no registered size
+    config = json.loads((parity.root / DECODER_CONFIG / "config.json").read_text())
+    depth = config["decoder_num_hidden_layers"] + 1
+    with pytest.raises(CheckpointError, match=f"depth={depth}"):
+        load_official_decoder(parity.root / DECODER_PT, {**config, "decoder_num_hidden_layers": depth})
+    with pytest.raises(CheckpointError, match="attention heads"):  # a tiny width is no registered size
         load_official_decoder(parity.root / DECODER_PT)
 
 

@@ -35,6 +35,13 @@ def built(parity):
     return _build(parity)
 
 
+def image_keys(t: dict, meta: dict) -> tuple[str, str]:
+    """(raw image key, encoder-size image key): the fixture names its input images by their size."""
+    n = meta["rae_params"]["encoder_input_size"]
+    raw = next(k for k in sorted(t) if k.startswith("input.image_") and k != f"input.image_{n}")
+    return raw, f"input.image_{n}"
+
+
 def _tiny(noise_tau: float = 0.0, with_stats: bool = True) -> RAE:
     """An inline tiny RAE (the rae/tiny preset: random-init 2-layer DINOv2 config, 32×4×4 latents), for the tests
     that need no official outputs."""
@@ -54,37 +61,40 @@ def _images(rae: RAE, n: int = 2, seed: int = 1) -> torch.Tensor:
 
 
 def test_rae_encode_parity_all_intermediates(built):
-    rae, t, _ = built
+    rae, t, meta = built
+    raw, at_size = image_keys(t, meta)
+    n = meta["rae_params"]["encoder_input_size"]
     seen = {}
     hooks = [
         rae.encoder.register_forward_pre_hook(lambda m, args: seen.__setitem__("pixels", args[0])),
         rae.encoder.encoder.register_forward_hook(lambda m, a, out: seen.__setitem__("hidden", out.last_hidden_state)),
         rae.encoder.register_forward_hook(lambda m, a, out: seen.__setitem__("tokens", out)),
     ]
-    z = rae.encode(t["input.image_64"])
+    z = rae.encode(t[raw])
     for h in hooks:
         h.remove()
-    resized_normalized = (t["inter.image_resized_56"] - t["encoder_mean"]) / t["encoder_std"]
+    resized_normalized = (t[f"inter.image_resized_{n}"] - t["encoder_mean"]) / t["encoder_std"]
     torch.testing.assert_close(seen["pixels"], resized_normalized, atol=2e-6, rtol=0)
     torch.testing.assert_close(seen["hidden"], t["inter.encoder_last_hidden_state"], atol=2e-6, rtol=0)
     torch.testing.assert_close(seen["tokens"], t["inter.tokens_no_cls_reg"], atol=2e-6, rtol=0)
     torch.testing.assert_close(z, t["output.z"], atol=2e-6, rtol=0)
-    torch.testing.assert_close(rae.encode(t["input.image_56"]), t["output.z_from_56"], atol=2e-6, rtol=0)
+    torch.testing.assert_close(rae.encode(t[at_size]), t[f"output.z_from_{n}"], atol=2e-6, rtol=0)
 
 
 def test_rae_decode_parity(built):
-    rae, t, _ = built
+    rae, t, meta = built
     with torch.no_grad():
         x = rae.decode(t["output.z"])
     torch.testing.assert_close(x, t["output.decode_of_z"], atol=2e-6, rtol=0)
     with torch.no_grad():  # forward = decode(encode(x))
-        torch.testing.assert_close(rae(t["input.image_64"]), t["output.decode_of_z"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(rae(t[image_keys(t, meta)[0]]), t["output.decode_of_z"], atol=1e-5, rtol=0)
 
 
 def test_rae_parity_without_stats_is_identity_normalization(parity):
-    rae, t, _ = _build(parity, with_stats=False)
+    rae, t, meta = _build(parity, with_stats=False)
     assert not rae.has_stats
-    torch.testing.assert_close(rae.encode(t["input.image_64"]), t["inter.z_unnormalized"], atol=2e-6, rtol=0)
+    raw, _ = image_keys(t, meta)
+    torch.testing.assert_close(rae.encode(t[raw]), t["inter.z_unnormalized"], atol=2e-6, rtol=0)
 
 
 def test_rae_state_dicts_parity(built):
