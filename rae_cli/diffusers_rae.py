@@ -124,7 +124,7 @@ def rae_fields(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder).resolve()
     kind, overrides = encoder_identity(cfg)
     return dict(encoder=kind if not overrides else cfg.get("encoder_type", "dinov2"),
-                encoder_source=str(folder), encoder_random_init=False,
+                encoder_source=str(folder), encoder_random_init=False, encoder_options={},
                 encoder_input_size=int(_get(cfg, "encoder_input_size", 224)),
                 decoder="custom", decoder_hidden_size=int(_get(cfg, "decoder_hidden_size", 512)),
                 decoder_depth=int(_get(cfg, "decoder_num_hidden_layers", 8)),

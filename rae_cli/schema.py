@@ -46,17 +46,14 @@ class RAEConfig:
     eps: float = doc("ε in (z − mean)/sqrt(var + ε).", 1e-5)
     seed: int = doc("Seed for random-init weights (tests, fresh decoders).", 0)
     source: Optional[str] = doc("A diffusers AutoencoderRAE: 'hf:<repo id>' or a local folder (config.json + "
-                                "diffusion_pytorch_model.safetensors). It sets the encoder, sizes and decoder "
-                                "weights, and the statistics unless rae.stats is given.", None)
+                                "diffusion_pytorch_model.safetensors). It replaces the encoder, sizes, decoder "
+                                "weights and statistics (whatever the preset said).", None)
 
     def validate(self) -> None:
         if self.source:
             from rae_cli import diffusers_rae
 
-            fields = diffusers_rae.rae_fields(diffusers_rae.locate(self.source))
-            if self.stats is not None:
-                fields.pop("stats")
-            for key, value in fields.items():
+            for key, value in diffusers_rae.rae_fields(diffusers_rae.locate(self.source)).items():
                 setattr(self, key, value)
         if self.encoder_input_size is None:
             from rae_cli.encoders import ENCODERS

@@ -203,3 +203,54 @@ def test_export_preset_loads_in_diffusers(tmp_path):
     x = _images(64)
     with torch.no_grad():
         torch.testing.assert_close(theirs(x).sample, ours(x), atol=ATOL, rtol=0)
+
+
+def _png_folder(path, n: int = 2, size: int = 64):
+    from PIL import Image
+
+    path.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        arr = (torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(path / f"{i}.png")
+    return path
+
+
+def test_recon_cli_with_rae_source_replaces_the_preset(tmp_path):
+    """`rae recon IMG -o OUT rae.source=FOLDER` (default preset dinov2-b): the folder's encoder, decoder and stats
+    replace the preset's, so nothing needs downloading."""
+    from typer.testing import CliRunner
+
+    from rae_cli.cli import app
+    from rae_cli.config import resolve
+    from rae_cli.schema import ReconConfig
+
+    out = diffusers_rae.export(_tiny_ours("mae"), tmp_path / "mae-rae")
+    cfg = resolve(ReconConfig, None, [f"rae.source={out}"], base={"rae": "dinov2-b"})
+    weights = str(out.resolve() / diffusers_rae.WEIGHTS_NAME)
+    assert (cfg.rae.encoder, cfg.rae.decoder_weights, cfg.rae.stats) == ("mae", weights, weights)
+    result = CliRunner().invoke(app, ["recon", str(_png_folder(tmp_path / "img")), "-o", str(tmp_path / "r"),
+                                      f"rae.source={out}"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["num_images"] == 2
+
+
+def test_hub_id_from_the_hf_cache_offline(tmp_path, monkeypatch):
+    """`rae.source=hf:<id>` reads a cached hub snapshot without network; uncached and offline, a clear error."""
+    from rae_cli.weights import WeightsNotFoundError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    with pytest.raises(WeightsNotFoundError, match="offline"):
+        diffusers_rae.locate("hf:someone/tiny-rae")
+    repo = tmp_path / "hub" / "models--someone--tiny-rae"
+    snap = repo / "snapshots" / ("0" * 40)
+    diffusers_rae.export(_tiny_ours("dinov2"), snap)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    assert diffusers_rae.locate("hf:someone/tiny-rae") == snap
+    assert diffusers_rae.load_rae("hf:someone/tiny-rae").latent_shape == (64, 16, 16)
