@@ -302,3 +302,17 @@ def test_efficientnet_encoder_tokens():
     assert load_encoder("efficientnet-lite0", stride=16).hidden_size == 112
     with pytest.raises(ValueError, match="stride"):
         load_encoder("efficientnet-lite0", stride=3)
+
+
+def test_default_input_size_is_the_registry_encoders():
+    """rae.encoder=siglip2-b without a preset: 256 px in, so 16×16 latents (224 would give 14×14)."""
+    from rae_cli.config import ConfigError, resolve
+    from rae_cli.schema import RAEConfig
+
+    for name in ("dinov2-b", "siglip2-b", "mae-b"):
+        cfg = resolve(RAEConfig, None, [f"encoder={name}"])
+        assert cfg.encoder_input_size == ENCODERS[name].input_size
+        assert cfg.encoder_input_size // ENCODERS[name].config["patch_size"] == 16
+    assert resolve(RAEConfig, None, ["encoder=siglip2-b", "encoder_input_size=512"]).encoder_input_size == 512
+    with pytest.raises(ConfigError, match="encoder_input_size"):  # a bare family has no registry size
+        resolve(RAEConfig, None, ["encoder=dinov2", "encoder_source=some/folder"])
