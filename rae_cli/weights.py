@@ -171,8 +171,8 @@ def download_many(names: list[str], *, force: bool = False) -> list[tuple[str, P
     ``WeightsNotFoundError`` listing each one still missing (with where to put it), if any."""
     unknown = [n for n in names if n not in BUNDLES and n not in ARTIFACTS]
     if unknown:
-        raise WeightsNotFoundError(f"unknown artifact or bundle name(s) {', '.join(unknown)}. Bundles (named after presets): "
-                                   f"{', '.join(BUNDLES)}. Artifacts: {', '.join(ARTIFACTS)}")
+        raise WeightsNotFoundError(f"unknown artifact or bundle name(s) {', '.join(unknown)}. Bundles (named after "
+                                   f"presets): {', '.join(BUNDLES)}. Artifacts: {', '.join(ARTIFACTS)}")
     wanted = list(dict.fromkeys(a for n in names for a in (BUNDLES[n].artifacts if n in BUNDLES else (n,))))
     done, failed = [], []
     for name in wanted:

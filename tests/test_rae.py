@@ -52,7 +52,8 @@ def _tiny(noise_tau: float = 0.0, with_stats: bool = True) -> RAE:
     rae = build_rae(resolve(RAEConfig, "tiny", [f"noise_tau={noise_tau}"]))
     if with_stats:
         g = torch.Generator().manual_seed(0)
-        rae.set_latent_stats(torch.randn(rae.latent_shape, generator=g), 0.5 + torch.rand(rae.latent_shape, generator=g))
+        shape = rae.latent_shape
+        rae.set_latent_stats(torch.randn(shape, generator=g), 0.5 + torch.rand(shape, generator=g))
     return rae.eval()
 
 
