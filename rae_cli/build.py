@@ -103,7 +103,7 @@ def build_rae(cfg: RAEConfig, device: str | torch.device = "cpu", decoder_weight
     if cfg.stats:
         from rae_cli.latent_stats import load_stats
 
-        mean, var = load_stats(resolve_weights_path(cfg.stats))
+        mean, var = load_stats(resolve_weights_path(cfg.stats), eps=cfg.eps)
     rae = RAE(encoder, decoder, input_size=cfg.encoder_input_size, noise_tau=cfg.noise_tau,
               latent_mean=mean, latent_var=var, eps=cfg.eps)
     if mean is not None and tuple(mean.shape) != tuple(rae.latent_shape):
@@ -113,9 +113,15 @@ def build_rae(cfg: RAEConfig, device: str | torch.device = "cpu", decoder_weight
 
 
 def load_decoder_weights(decoder: torch.nn.Module, path: Path) -> None:
-    """Our decoder .safetensors or an official ``model.pt``, loaded strictly (by :mod:`rae_cli.official`)."""
+    """Our decoder .safetensors, an official ``model.pt`` (by :mod:`rae_cli.official`) or a diffusers
+    ``AutoencoderRAE`` folder's weights (``rae.source``), loaded strictly."""
+    from rae_cli.diffusers_rae import is_diffusers_file
     from rae_cli.official import load_decoder_weights as load
 
+    if is_diffusers_file(path):
+        from rae_cli.diffusers_rae import load_decoder_weights as load_diffusers
+
+        return load_diffusers(decoder, path)
     load(decoder, path)
 
 

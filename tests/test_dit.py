@@ -6,7 +6,7 @@ import logging
 
 import pytest
 import torch
-from conftest import sub_state_dict
+from parity_fixtures import sub_state_dict
 
 from rae_cli.checkpoint import CheckpointError, strict_load
 from rae_cli.dit import DIT_REGISTRY, DiTDH, LightningDiT, build_dit, check_width, count_parameters
@@ -95,7 +95,7 @@ def test_init_parity(parity, name):
     assert torch.count_nonzero(out) == 0, "adaLN-Zero: output is exactly 0 at init"
 
 
-def test_strict_load_rejects_wrong_keys(parity):
+def test_strict_load_parity_rejects_wrong_keys(parity):
     tensors, meta = parity("ditddh_small")
     sd = sub_state_dict(tensors, "state_dict.")
     model = DiTDH(**meta["config"])

@@ -11,17 +11,31 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import sub_state_dict
+from parity_fixtures import sub_state_dict
 from rae_cli.encoders import (ENCODERS, RANDOM_INIT_WARNING, EfficientNetLite0Encoder, efficientnet_lite0_classifier,
                               load_encoder)
 from rae_cli.weights import WeightsNotFoundError
-
-TINY_DINO = "official_format/tiny-dinov2-with-registers"
 
 
 def _no_network(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("RAE_HOME", str(tmp_path / "rae_home"))
+
+
+@pytest.fixture(scope="module")
+def tiny_dino_dir(tmp_path_factory):
+    """A tiny DINOv2-with-registers folder written by save_pretrained from the inline tiny config
+    (presets/_assets/tiny-dinov2-reg), for the tests that need no official outputs."""
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    from rae_cli.config import presets_root
+
+    assets = presets_root() / "_assets" / "tiny-dinov2-reg"
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("dino") / "tiny-dinov2-reg"
+    Dinov2WithRegistersModel(Dinov2WithRegistersConfig.from_pretrained(assets)).save_pretrained(path)
+    shutil.copy(assets / "preprocessor_config.json", path)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -67,15 +81,20 @@ def _file_tensors(path, prefix):
 # DINOv2
 
 
+def _fixture_encoder_dir(parity, meta):
+    return str(parity.root / meta["rae_params"]["encoder_config_path"])
+
+
 def test_dinov2_encoder_parity(parity):
     t, meta = parity("rae_encode")
-    enc = load_encoder("dinov2", str(parity.root / TINY_DINO))
+    enc = load_encoder("dinov2", _fixture_encoder_dir(parity, meta))
     assert enc.num_prefix_tokens == 1 + meta["dinov2_config"]["num_register_tokens"]
     assert enc.hidden_size == meta["dinov2_config"]["hidden_size"]
     assert enc.patch_size == meta["dinov2_config"]["patch_size"]
     assert enc.image_mean == tuple(meta["preprocessor"]["image_mean"])
     assert enc.image_std == tuple(meta["preprocessor"]["image_std"])
-    x = (t["inter.image_resized_56"] - t["encoder_mean"]) / t["encoder_std"]
+    n = meta["rae_params"]["encoder_input_size"]
+    x = (t[f"inter.image_resized_{n}"] - t["encoder_mean"]) / t["encoder_std"]
     with torch.no_grad():
         hidden = enc.encoder(pixel_values=x).last_hidden_state
         tokens = enc(x)
@@ -85,8 +104,8 @@ def test_dinov2_encoder_parity(parity):
 
 
 def test_dinov2_state_dict_parity_official_keys_without_final_layernorm(parity):
-    t, _ = parity("rae_encode")
-    enc = load_encoder("dinov2", str(parity.root / TINY_DINO))
+    t, meta = parity("rae_encode")
+    enc = load_encoder("dinov2", _fixture_encoder_dir(parity, meta))
     assert not any("layernorm" in k for k in enc.state_dict())
     official = sub_state_dict(t, "encoder_state_dict.")
     ours = sub_state_dict(enc.official_state_dict(), "encoder.")
@@ -99,18 +118,19 @@ def test_dinov2_state_dict_parity_official_keys_without_final_layernorm(parity):
     assert torch.equal(enc.encoder.embeddings.cls_token, official["embeddings.cls_token"] + 1)
 
 
-def test_encoder_is_frozen_and_stays_in_eval(parity):
-    enc = load_encoder("dinov2", str(parity.root / TINY_DINO))
+def test_encoder_is_frozen_and_stays_in_eval(tiny_dino_dir):
+    enc = load_encoder("dinov2", str(tiny_dino_dir))
     assert not any(p.requires_grad for p in enc.parameters())
     enc.train()
     assert not enc.training and not any(m.training for m in enc.modules())
 
 
-def test_local_copy_under_rae_home_is_used(parity, monkeypatch, tmp_path):
+def test_local_copy_under_rae_home_is_used(tiny_dino_dir, monkeypatch, tmp_path):
     _no_network(monkeypatch, tmp_path)
-    shutil.copytree(parity.root / TINY_DINO, tmp_path / "rae_home" / "encoders" / "dinov2-b")
+    shutil.copytree(tiny_dino_dir, tmp_path / "rae_home" / "encoders" / "dinov2-b")
     enc = load_encoder("dinov2-b")
-    assert enc.hidden_size == 32 and not enc.is_random_init
+    hidden = json.loads((tiny_dino_dir / "config.json").read_text())["hidden_size"]
+    assert enc.hidden_size == hidden != ENCODERS["dinov2-b"].config["hidden_size"] and not enc.is_random_init
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -234,12 +254,12 @@ def test_incomplete_local_folder_is_reported(tmp_path, monkeypatch):
         load_encoder("dinov2", str(tmp_path / "empty"))
 
 
-def test_checkpoint_missing_weights_is_an_error(parity, tmp_path, monkeypatch):
+def test_checkpoint_missing_weights_is_an_error(tiny_dino_dir, tmp_path, monkeypatch):
     from safetensors.torch import load_file, save_file
 
     _no_network(monkeypatch, tmp_path)
     folder = tmp_path / "partial"
-    shutil.copytree(parity.root / TINY_DINO, folder)
+    shutil.copytree(tiny_dino_dir, folder)
     tensors = load_file(str(folder / "model.safetensors"))
     del tensors["encoder.layer.1.mlp.fc1.weight"]
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
@@ -282,3 +302,17 @@ def test_efficientnet_encoder_tokens():
     assert load_encoder("efficientnet-lite0", stride=16).hidden_size == 112
     with pytest.raises(ValueError, match="stride"):
         load_encoder("efficientnet-lite0", stride=3)
+
+
+def test_default_input_size_is_the_registry_encoders():
+    """rae.encoder=siglip2-b without a preset: 256 px in, so 16×16 latents (224 would give 14×14)."""
+    from rae_cli.config import ConfigError, resolve
+    from rae_cli.schema import RAEConfig
+
+    for name in ("dinov2-b", "siglip2-b", "mae-b"):
+        cfg = resolve(RAEConfig, None, [f"encoder={name}"])
+        assert cfg.encoder_input_size == ENCODERS[name].input_size
+        assert cfg.encoder_input_size // ENCODERS[name].config["patch_size"] == 16
+    assert resolve(RAEConfig, None, ["encoder=siglip2-b", "encoder_input_size=512"]).encoder_input_size == 512
+    with pytest.raises(ConfigError, match="encoder_input_size"):  # a bare family has no registry size
+        resolve(RAEConfig, None, ["encoder=dinov2", "encoder_source=some/folder"])

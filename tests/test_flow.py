@@ -6,14 +6,12 @@ import math
 
 import pytest
 import torch
-from conftest import sub_state_dict
+from parity_fixtures import sub_state_dict
 
 from rae_cli.checkpoint import strict_load
 from rae_cli.dit import DiTDH
 from rae_cli.flow import (draw_noise_and_time, interpolate, logit_normal_from_uniform, sample_time,
                           sample_training_loss, shift_from_shape, shift_time, training_loss, velocity_target)
-
-SHIFT_KEYS = ["shift1", "shift_sqrt48", "shift_sqrt192"]
 
 
 def _fixture_shift(meta) -> float:
@@ -110,24 +108,37 @@ def test_shifted_time_statistics_match_the_spec():
 # Parity with the official transport
 
 
-@pytest.mark.parametrize("key", SHIFT_KEYS)
+def _shift_keys() -> list[str]:
+    """The time-shift cases the fixture set holds (``timeshift.<key>.shift``), read at collection time."""
+    from parity_fixtures import parity_dir
+
+    from rae_cli.checkpoint import load_safetensors
+
+    tensors, _ = load_safetensors(parity_dir() / "transport.safetensors")
+    return sorted({k.split(".")[1] for k in tensors if k.startswith("timeshift.") and k.endswith(".shift")})
+
+
+@pytest.mark.parametrize("key", _shift_keys())
 def test_timeshift_parity(parity, key):
-    tensors, _ = parity("transport")
+    tensors, meta = parity("transport")
     s = tensors[f"timeshift.{key}.shift"].item()
     t_raw, t_shifted = tensors[f"timeshift.{key}.t_raw"], tensors[f"timeshift.{key}.t_shifted"]
     torch.testing.assert_close(shift_time(t_raw, s), t_shifted, atol=1e-7, rtol=0)
-    # replaying the official RNG order (randn_like of a (9, 1) batch first, then rand(9)) gives the same draw
-    noise, t = draw_noise_and_time(torch.zeros(9, 1), kind="uniform", shift=s,
-                                   generator=torch.Generator().manual_seed(7))
-    assert noise.shape == (9, 1)
+    # replaying the official RNG order (randn_like of an (n, 1) batch first, then rand(n)) gives the same draw
+    n = t_shifted.numel()
+    noise, t = draw_noise_and_time(torch.zeros(n, 1), kind="uniform", shift=s,
+                                   generator=torch.Generator().manual_seed(meta["seeds"]["timeshift"]))
+    assert noise.shape == (n, 1)
     torch.testing.assert_close(t, t_shifted, atol=1e-7, rtol=0)
 
 
 def test_logit_normal_parity(parity):
-    tensors, _ = parity("transport")
+    tensors, meta = parity("transport")
     u, t = tensors["logitnormal.u"], tensors["logitnormal.t"]
-    torch.testing.assert_close(logit_normal_from_uniform(u, 0.0, 1.0, 0.0, 0.999), t, atol=1e-6, rtol=0)
-    replay = sample_time(u.numel(), "logit-normal", mu=0.0, sigma=1.0, generator=torch.Generator().manual_seed(8))
+    t0, t1 = meta["transport_params"]["t0"], meta["transport_params"]["t1"]
+    torch.testing.assert_close(logit_normal_from_uniform(u, 0.0, 1.0, t0, t1), t, atol=1e-6, rtol=0)
+    replay = sample_time(u.numel(), "logit-normal", mu=0.0, sigma=1.0, t0=t0, t1=t1,
+                         generator=torch.Generator().manual_seed(meta["seeds"]["logitnormal"]))
     torch.testing.assert_close(replay, t, atol=1e-6, rtol=0)
 
 
@@ -147,10 +158,12 @@ def test_training_loss_parity(parity, dist, kind):
     torch.testing.assert_close(loss, tensors[pre + "loss"], atol=1e-5, rtol=1e-6)
     # The whole draw replays from a generator seeded like the official global RNG (noise first, then t).
     shift = _fixture_shift(meta)
-    noise_r, t_r = draw_noise_and_time(x1, kind=kind, shift=shift, generator=torch.Generator().manual_seed(9))
+    seed, t0, t1 = meta["seeds"]["loss"], meta["transport_params"]["t0"], meta["transport_params"]["t1"]
+    noise_r, t_r = draw_noise_and_time(x1, kind=kind, shift=shift, t0=t0, t1=t1,
+                                       generator=torch.Generator().manual_seed(seed))
     torch.testing.assert_close(noise_r, noise, atol=0, rtol=0)
     torch.testing.assert_close(t_r, t, atol=1e-6, rtol=0)
     with torch.no_grad():
-        loss_r = sample_training_loss(model, x1, {"y": y}, generator=torch.Generator().manual_seed(9), kind=kind,
-                                      shift=shift)
+        loss_r = sample_training_loss(model, x1, {"y": y}, generator=torch.Generator().manual_seed(seed), kind=kind,
+                                      shift=shift, t0=t0, t1=t1)
     torch.testing.assert_close(loss_r, tensors[pre + "loss"], atol=1e-5, rtol=1e-6)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import sub_state_dict
+from parity_fixtures import sub_state_dict
 
 from rae_cli.checkpoint import strict_load
 from rae_cli.dit import DiTDH, LightningDiT
@@ -28,6 +28,31 @@ def lightning(parity):
     model = LightningDiT(**meta["config"]).eval()
     strict_load(model, sub_state_dict(tensors, "state_dict."), "lightningdit_small")
     return model, tensors, meta
+
+
+def _perturbed(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Random weights everywhere trainable (the zero-init adaLN / final layers would make every output 0)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+TINY_DDT = dict(input_size=4, patch_size=1, in_channels=8, hidden_size=[32, 64], depth=[1, 1], num_heads=[2, 2],
+                num_classes=5)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """Inline tiny DiT-DH main and guide models, for the tests that count calls (no official outputs needed)."""
+    torch.manual_seed(0)
+    model = _perturbed(DiTDH(**TINY_DDT), 1)
+    guide = _perturbed(DiTDH(**{**TINY_DDT, "hidden_size": [16, 32]}), 2)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 8, 4, 4, generator=g)
+    return model, guide, x, torch.tensor([0.05, 0.5, 0.93]), torch.tensor([1, 4, 5])  # y = 5: the null label
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -72,9 +97,12 @@ def test_lightning_forward_with_cfg_parity(lightning):
         _close(cond_only[:2], model(x[:2], t[:2], y[:2]))  # inside an interval with interval_cfg ≤ 1: conditional
 
 
-def test_lightning_forward_with_autoguidance_halves_the_batch(lightning):
-    model, tensors, _ = lightning
-    x, t, y = tensors["input.cfg_x"], tensors["input.cfg_t"], tensors["input.cfg_y"]
+def test_lightning_forward_with_autoguidance_halves_the_batch():
+    torch.manual_seed(0)
+    model = _perturbed(LightningDiT(input_size=4, patch_size=2, in_channels=8, hidden_size=32, depth=1, num_heads=2,
+                                    num_classes=5), 1)
+    x = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(2)).repeat(2, 1, 1, 1)  # official CFG batch
+    t, y = torch.full((4,), 0.5), torch.tensor([1, 3, 5, 5])
     guide = CountingModel(lambda xx, tt, yy: 0.5 * model(xx, tt, yy))
     with torch.no_grad():
         out = model.forward_with_autoguidance(x, t, y, cfg_scale=3.0, additional_model_forward=guide)
@@ -110,9 +138,8 @@ def test_cfg_wrapper_parity_and_cost(ddt, key, interval, batches):
     assert counted.batch_sizes == batches
 
 
-def test_cfg_outside_interval_and_scale_one_run_only_conditional(ddt):
-    model, _, tensors, _ = ddt
-    x, t, y = tensors["input.x"], tensors["input.t"], tensors["input.y"]
+def test_cfg_outside_interval_and_scale_one_run_only_conditional(tiny):
+    model, _, x, t, y = tiny
     counted = CountingModel(model)
     with torch.no_grad():
         out = cfg(counted, y, 4.0, t_min=0.95, t_max=1.0)(x, t)
@@ -134,9 +161,8 @@ def test_autoguidance_wrapper_parity_and_cost(ddt):
     assert main_c.batch_sizes == [3] and guide_c.batch_sizes == [2]
 
 
-def test_autoguidance_sampling_costs_one_main_and_one_guide_pass_per_step(ddt):
-    model, guide, tensors, _ = ddt
-    x, y = tensors["input.x"], tensors["input.y"]
+def test_autoguidance_sampling_costs_one_main_and_one_guide_pass_per_step(tiny):
+    model, guide, x, _, y = tiny
     B = len(y)
     for solver, per_step in ((euler, 1), (heun, 2)):
         main_c, guide_c = CountingModel(model), CountingModel(guide)
@@ -147,7 +173,7 @@ def test_autoguidance_sampling_costs_one_main_and_one_guide_pass_per_step(ddt):
         assert torch.isfinite(res.samples).all()
 
 
-def test_guided_model_fn_dispatch(ddt):
+def test_guided_model_fn_dispatch_parity(ddt):
     model, guide, tensors, _ = ddt
     x, t, y = tensors["input.x"], tensors["input.t"], tensors["input.y"]
     with torch.no_grad():

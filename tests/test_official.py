@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
-from conftest import sub_state_dict
+from parity_fixtures import sub_state_dict
 from rae_cli.checkpoint import CheckpointError, load_safetensors, torch_load_weights
 from rae_cli.decoder import ViTDecoder
 from rae_cli.latent_stats import load_stats
@@ -35,7 +37,7 @@ def test_load_official_decoder_parity(parity):
     torch.testing.assert_close(img, t["output.decode_of_z"], atol=2e-6, rtol=0)
 
 
-def test_convert_decoder_round_trip(parity, tmp_path):
+def test_convert_decoder_round_trip_parity(parity, tmp_path):
     src = parity.root / DECODER_PT
     arch = convert_decoder(src, tmp_path / "decoder.safetensors", parity.root / DECODER_CONFIG)
     tensors, meta = load_safetensors(tmp_path / "decoder.safetensors")
@@ -58,7 +60,7 @@ def test_convert_decoder_round_trip(parity, tmp_path):
 
 
 @pytest.mark.parametrize("key", ["decoder_layers.1.output.dense.bias", "decoder_embed.weight", "trainable_cls_token"])
-def test_missing_key_is_named(parity, tmp_path, key):
+def test_missing_key_is_named_parity(parity, tmp_path, key):
     sd = torch_load_weights(parity.root / DECODER_PT)
     del sd[key]
     torch.save(sd, tmp_path / "broken.pt")
@@ -66,20 +68,20 @@ def test_missing_key_is_named(parity, tmp_path, key):
         load_official_decoder(tmp_path / "broken.pt", parity.root / DECODER_CONFIG)
 
 
-def test_unexpected_key_and_config_mismatch_are_errors(parity, tmp_path):
+def test_unexpected_key_and_config_mismatch_are_errors_parity(parity, tmp_path):
     sd = torch_load_weights(parity.root / DECODER_PT)
     torch.save({**sd, "decoder_extra.weight": torch.zeros(1)}, tmp_path / "extra.pt")
     with pytest.raises(CheckpointError, match="decoder_extra.weight"):
         load_official_decoder(tmp_path / "extra.pt", parity.root / DECODER_CONFIG)
-    wrong_depth = {"decoder_hidden_size": 32, "decoder_num_hidden_layers": 3, "decoder_num_attention_heads": 2,
-                   "decoder_intermediate_size": 64, "hidden_act": "gelu"}
-    with pytest.raises(CheckpointError, match="depth=3"):
-        load_official_decoder(parity.root / DECODER_PT, wrong_depth)
-    with pytest.raises(CheckpointError, match="attention heads"):  # width 32 is no registered size
+    config = json.loads((parity.root / DECODER_CONFIG / "config.json").read_text())
+    depth = config["decoder_num_hidden_layers"] + 1
+    with pytest.raises(CheckpointError, match=f"depth={depth}"):
+        load_official_decoder(parity.root / DECODER_PT, {**config, "decoder_num_hidden_layers": depth})
+    with pytest.raises(CheckpointError, match="attention heads"):  # a tiny width is no registered size
         load_official_decoder(parity.root / DECODER_PT)
 
 
-def test_decoder_from_stage1_checkpoint_with_prefixes(parity, tmp_path):
+def test_decoder_from_stage1_checkpoint_with_prefixes_parity(parity, tmp_path):
     sd = torch_load_weights(parity.root / DECODER_PT)
     ckpt = {"step": 3, "model": {f"module.decoder.{k}": v + 1 for k, v in sd.items()},
             "ema": {f"module.decoder.{k}": v for k, v in sd.items()} | {"module.encoder.x": torch.zeros(1)}}
@@ -99,7 +101,7 @@ def test_arch_inferred_from_shapes_for_registered_width():
         infer_decoder_arch(sd, "ViT-L")
 
 
-def test_stats_official_and_converted(parity, tmp_path):
+def test_stats_official_and_converted_parity(parity, tmp_path):
     t, _ = parity("rae_encode")
     mean, var = load_stats(parity.root / STAT_PT)
     assert torch.equal(mean, t["latent_mean"]) and torch.equal(var, t["latent_var"])
@@ -108,7 +110,7 @@ def test_stats_official_and_converted(parity, tmp_path):
     assert torch.equal(mean2, mean) and torch.equal(var2, var)
 
 
-def test_stage2_checkpoint_variants(parity, tmp_path):
+def test_stage2_checkpoint_variants_parity(parity, tmp_path):
     raw = torch_load_weights(parity.root / STAGE2_PT)
     assert torch.equal(next(iter(load_stage2_state_dict(parity.root / STAGE2_PT).values())), next(iter(raw.values())))
 

@@ -81,11 +81,16 @@ def official(parity):
            "decoder_patch_size": params["decoder_patch_size"], "decoder_weights": str(root / "tiny_decoder_model.pt"),
            "stats": str(root / "tiny_stat.pt"), "noise_tau": 0.0}
     return {"root": root, "stage2": root / "tiny_stage2_model.pt", "model_config": meta["model_config"],
-            "transport": tensors, "rae": rae}
+            "transport": tensors, "transport_meta": meta, "rae": rae}
+
+
+# An inline tiny DiT-DH (official DiTwDDTHead flags) for the tests that need no official outputs.
+TINY_MODEL_CONFIG = {"input_size": 4, "patch_size": 1, "in_channels": 32, "hidden_size": [32, 48], "depth": [1, 1],
+                     "num_heads": [2, 2], "mlp_ratio": 4.0, "class_dropout_prob": 0.1, "num_classes": 10}
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, official):
+def tiny_run(tmp_path_factory):
     """One of our checkpoint folders (train-dit layout) for the tiny rae preset, with a perturbed DiT-DH."""
     from dataclasses import asdict
 
@@ -95,8 +100,8 @@ def tiny_run(tmp_path_factory, official):
     from rae_cli.schema import RAEConfig
 
     root = tmp_path_factory.mktemp("tiny_run")
-    mc = dict(official["model_config"], hidden_size=[32, 48])
-    pt = make_stage2_pt(root / "src.pt", mc, in_channels=32, input_size=4, seed=3)
+    mc = dict(TINY_MODEL_CONFIG)
+    pt = make_stage2_pt(root / "src.pt", mc, seed=3)
     folder = root / "checkpoints" / "step-000000010"
     folder.mkdir(parents=True)
     sd = torch.load(pt, weights_only=True)
@@ -112,9 +117,9 @@ def tiny_run(tmp_path_factory, official):
 
 
 @pytest.fixture(scope="module")
-def guide_pt(tmp_path_factory, official):
-    mc = dict(official["model_config"], hidden_size=[16, 32])
-    return make_stage2_pt(tmp_path_factory.mktemp("guide") / "guide.pt", mc, in_channels=32, input_size=4, seed=7), mc
+def guide_pt(tmp_path_factory):
+    mc = dict(TINY_MODEL_CONFIG, hidden_size=[16, 32])
+    return make_stage2_pt(tmp_path_factory.mktemp("guide") / "guide.pt", mc, seed=7), mc
 
 
 def sample_cfg(*overrides: str, preset: str | None = None):
@@ -138,11 +143,13 @@ def test_official_stage2_sampling_parity(official):
     from rae_cli.sample import prepare
 
     t = official["transport"]
-    shift = float(t["timeshift.shift_sqrt48.shift"])
+    shift = float(str(official["transport_meta"]["time_dist_shift"]).split("=")[-1])  # the sampling shift
+    B = len(t["sample.y"])
     common = [f"checkpoint={official['stage2']}", f"dit={json.dumps(dit_section(official['model_config']))}",
               "decode=false", f"flow.shift={shift!r}", "num_steps=50"]
-    for extra, key, rows in (([], "sample.euler_50.final", 49 * 2),
-                             (["guidance.method=cfg", "guidance.scale=3.0"], "sample.euler_50_cfg3.final", 49 * 4)):
+    for extra, key, rows in (([], "sample.euler_50.final", 49 * B),
+                             (["guidance.method=cfg", "guidance.scale=3.0"], "sample.euler_50_cfg3.final",
+                              49 * 2 * B)):
         sampling, rae, stage2 = prepare(sample_cfg(*common, *extra))
         assert rae is None and stage2.latent_shape == (official["model_config"]["in_channels"],) + (
             official["model_config"]["input_size"],) * 2  # read off the weights
@@ -379,16 +386,17 @@ def test_presets_resolve_and_point_at_released_weights():
                 weights.get_artifact(artifact)  # a registered released file
 
 
-def test_bad_settings_fail_clearly(tmp_path, official):
+def test_bad_settings_fail_clearly(tmp_path):
+    stage2 = make_stage2_pt(tmp_path / "official-format.pt", TINY_MODEL_CONFIG)  # a raw state dict, as released
     r = runner.invoke(app, ["sample", "--out", str(tmp_path), "method=rk45"])
     assert r.exit_code == 2 and "euler, heun, sde" in r.output
     r = runner.invoke(app, ["sample", "--out", str(tmp_path / "x"), "-p", "tiny"])
     assert r.exit_code == 2 and "checkpoint=" in r.output
-    r = runner.invoke(app, ["sample", "--out", str(tmp_path / "y"), f"checkpoint={official['stage2']}",
+    r = runner.invoke(app, ["sample", "--out", str(tmp_path / "y"), f"checkpoint={stage2}",
                             "decode=false"])  # an official file: its architecture must be named
     assert r.exit_code == 2 and "name its architecture" in r.output
-    wrong = dict(dit_section(official["model_config"]), hidden_size=[16, 64])
-    r = runner.invoke(app, ["sample", "--out", str(tmp_path / "z"), f"checkpoint={official['stage2']}",
+    wrong = dict(dit_section(TINY_MODEL_CONFIG), hidden_size=[16, 64])
+    r = runner.invoke(app, ["sample", "--out", str(tmp_path / "z"), f"checkpoint={stage2}",
                             f"dit={json.dumps(wrong)}", "decode=false"])
     assert r.exit_code == 2 and "wrong shape" in r.output
 
@@ -397,7 +405,7 @@ def test_throughput_benchmark_reports_speed_and_evaluations(capsys):
     """benchmarks/sample_throughput.py on the tiny preset with random weights: one JSON line per guidance mode."""
     import importlib.util
 
-    from conftest import REPO
+    from parity_fixtures import REPO
 
     spec = importlib.util.spec_from_file_location("sample_throughput", REPO / "benchmarks" / "sample_throughput.py")
     bench = importlib.util.module_from_spec(spec)

@@ -13,7 +13,8 @@ from rae_cli.cli.common import handle_errors
 @app.command("presets")
 @handle_errors
 def presets(kind: Optional[str] = typer.Argument(None, help="Only this kind (rae, train-dit, sample, ...)."),
-            keys: bool = typer.Option(False, "--keys", help="Also list every config key of KIND with its help.")
+            keys: bool = typer.Option(False, "--keys", help="Also list every config key of KIND with its help "
+                                      "(without KIND: of every kind).")
             ) -> None:
     """List the shipped presets (kind/name and a one-line description)."""
     from rich.console import Console
@@ -28,15 +29,17 @@ def presets(kind: Optional[str] = typer.Argument(None, help="Only this kind (rae
         k, n = (kind, name) if kind else name.split("/", 1)
         table.add_row(name, preset_summary(preset_path(k, n)))
     Console().print(table)
-    if keys and kind:
+    if keys:
         from rae_cli.cli.schemas import SCHEMAS
         from rae_cli.config import describe
 
-        if kind not in SCHEMAS:
+        if kind is not None and kind not in SCHEMAS:
             raise typer.BadParameter(f"no schema for {kind!r}; kinds: {', '.join(sorted(SCHEMAS))}")
-        keys_table = Table(show_header=True, header_style="bold", box=None)
-        for col in ("key", "default", "help"):
-            keys_table.add_column(col)
-        for row in describe(SCHEMAS[kind]()):
-            keys_table.add_row(*row)
-        Console().print(keys_table)
+        for k in [kind] if kind else sorted(SCHEMAS):  # no kind: every kind's keys, one table each
+            keys_table = Table(title=f"{k} keys" if not kind else None, title_justify="left", show_header=True,
+                               header_style="bold", box=None)
+            for col in ("key", "default", "help"):
+                keys_table.add_column(col)
+            for row in describe(SCHEMAS[k]()):
+                keys_table.add_row(*row)
+            Console().print(keys_table)

@@ -53,14 +53,23 @@ def export_decoder(
                                       "checkpoints/step-* folder (a folder with many: the newest)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Export folder (default: <run>/export)."),
     no_ema: bool = typer.Option(False, "--no-ema", help="Export the raw decoder weights instead of the EMA."),
+    format: str = typer.Option("ours", "--format", help="ours: decoder.safetensors, model.pt, rae.yaml; diffusers: "
+                               "also <out>/diffusers, a folder AutoencoderRAE.from_pretrained loads."),
 ) -> None:
     """Write decoder.safetensors (ours), model.pt (official layout) and rae.yaml (an rae preset using them)."""
     from rae_cli.train_decoder import export_trained_decoder
 
+    if format not in ("ours", "diffusers"):
+        raise typer.BadParameter(f"--format must be ours or diffusers, not {format!r}")
     check_out(out)
     path = export_trained_decoder(checkpoint, out, use_ema=not no_ema)
     console.print(f"[green]wrote[/] {path}/decoder.safetensors, model.pt, rae.yaml "
                   f"(rae recon --preset {path / 'rae.yaml'} ...)")
+    if format == "diffusers":
+        from rae_cli.diffusers_rae import export_preset
+
+        folder = export_preset(path / "rae.yaml", path / "diffusers")
+        console.print(f"[green]wrote[/] {folder} (diffusers AutoencoderRAE.from_pretrained; rae.source={folder})")
 
 
 register("train-decoder", "rae_cli.train_decoder:TrainDecoderConfig")
