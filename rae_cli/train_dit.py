@@ -28,6 +28,7 @@ import torch
 
 from rae_cli.config import ConfigError, doc
 from rae_cli.errors import DataError, RaeError
+from rae_cli.meanflow import MeanFlowConfig
 from rae_cli.schema import DiTConfig, FlowConfig, RAEConfig
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,12 @@ class TrainDiTConfig:
                          "uses with the trained model.", factory=RAEConfig)
     dit: DiTConfig = doc("The diffusion transformer (a string names a dit preset).", factory=DiTConfig)
     flow: FlowConfig = doc("Flow matching: time distribution and shift.", factory=FlowConfig)
+    objective: str = doc("flow (flow matching, the paper) or meanflow (average velocities for 1–2-step sampling; "
+                         "needs dit.second_time; settings in meanflow).", "flow")
+    meanflow: MeanFlowConfig = doc("MeanFlow training (objective: meanflow).", factory=MeanFlowConfig)
+    teacher: Optional[str] = doc("objective meanflow: a frozen flow-matching train-dit run (or checkpoint folder) "
+                                 "whose (guided) velocity replaces ε − x in the target (distillation, MF-RAE MFD); "
+                                 "null = MeanFlow from the data alone.", None)
     optim: OptimConfig = doc("AdamW and clipping.", factory=OptimConfig)
     schedule: ScheduleConfig = doc("Learning-rate schedule.", factory=ScheduleConfig)
 
@@ -145,6 +152,10 @@ class TrainDiTConfig:
                               "not both")
         if self.latent_shape is not None and len(self.latent_shape) != 3:
             raise ConfigError("latent_shape must be [C, h, w]")
+        if self.objective not in ("flow", "meanflow"):
+            raise ConfigError(f"objective must be flow or meanflow, not {self.objective!r}")
+        if self.objective == "meanflow" and getattr(self.dit, "second_time", "none") == "none":
+            raise ConfigError("objective=meanflow needs a model with a second time input: dit.second_time=interval")
 
 
 class NonFiniteError(RaeError, FloatingPointError):
@@ -298,8 +309,11 @@ def noise_for(cfg: TrainDiTConfig, step: int, positions: torch.Tensor, latent_sh
 
 def train_step(*, model_fn, raw_model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema, micro_batches,
                lr: float, clip_grad: float | None, precision: str, no_sync=None, dist=None,
-               step: int | None = None) -> tuple[float, float]:
-    """One optimizer step over this process's ``micro_batches`` [(z, y, t, noise, drop_ids or None)].
+               step: int | None = None, objective=None) -> tuple[float, float]:
+    """One optimizer step over this process's ``micro_batches`` [(z, y, t, noise, drop_ids or None[, r])].
+
+    ``objective``: None = flow matching; else a :class:`rae_cli.meanflow.MeanFlowLoss`, called with the micro-batch
+    and its r, returning (loss to back-propagate, loss to log), both per sample.
 
     Each micro-batch loss is its per-sample mean divided by the number of micro-batches, so the accumulated
     gradient is that of the batch mean (DDP averages it over processes). Gradients are all-reduced on the last
@@ -314,15 +328,19 @@ def train_step(*, model_fn, raw_model: torch.nn.Module, optimizer: torch.optim.O
     accum = len(micro_batches)
     autocast = torch.autocast(micro_batches[0][0].device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     loss_sum = torch.zeros((), device=micro_batches[0][0].device)
-    for i, (z, y, t, noise, drop) in enumerate(micro_batches):
+    for i, (z, y, t, noise, drop, *rest) in enumerate(micro_batches):
         # Forward and backward of all but the last micro-batch run without the DDP gradient all-reduce.
         sync = no_sync is None or i == accum - 1
         with contextlib.nullcontext() if sync else no_sync():
             with autocast:
-                kwargs = {"y": y} if drop is None else {"y": y, "force_drop_ids": drop}
-                loss = training_loss(model_fn, z, kwargs, t=t, noise=noise).mean() / accum  # fp32
+                if objective is None:
+                    kwargs = {"y": y} if drop is None else {"y": y, "force_drop_ids": drop}
+                    loss = logged = training_loss(model_fn, z, kwargs, t=t, noise=noise).mean() / accum  # fp32
+                else:
+                    weighted, mse = objective(model_fn, raw_model, z, y, drop, rest[0], t, noise)
+                    loss, logged = weighted.mean() / accum, mse.mean() / accum
             loss.backward()
-        loss_sum += loss.detach()
+        loss_sum += logged.detach()
     if faults.nonfinite("loss", step):
         loss_sum = loss_sum * float("nan")
     params = [p for p in raw_model.parameters() if p.requires_grad]
@@ -492,11 +510,36 @@ def _micro_batches(cfg: TrainDiTConfig, step: int, shift: float, x: torch.Tensor
     z = normalize_latents(x.float(), mean, var, cfg.rae.eps)
     draws = step_draws(cfg, step, shift)
     t = draws.t[pos].to(device)
+    r = None
+    if cfg.objective == "meanflow":  # MeanFlow draws its own (r, t) pair, from (seed, step) too
+        from rae_cli.meanflow import draw_times
+
+        r, t = (a[pos].to(device) for a in draw_times(cfg.meanflow, cfg.flow, cfg.seed, step,
+                                                      cfg.global_batch_size, shift))
     p = cfg.dit.class_dropout_prob
     drop = (draws.u_drop[pos] < p).long().to(device) if p > 0 else None  # 1 → the null label (CFG dropout)
     noise = noise_for(cfg, step, pos, data.latent_shape, device)
     return [(z[i:i + micro], y[i:i + micro], t[i:i + micro], noise[i:i + micro],
-             None if drop is None else drop[i:i + micro]) for i in range(0, len(pos), micro)]
+             None if drop is None else drop[i:i + micro], None if r is None else r[i:i + micro])
+            for i in range(0, len(pos), micro)]
+
+
+def _meanflow_objective(cfg: TrainDiTConfig, model: torch.nn.Module, data: _Data, shift: float, device):
+    """objective=meanflow: load the frozen teacher, put the initial weights into ``model`` (a resumed run then
+    overwrites them from its checkpoint) and return the loss; None for flow matching."""
+    if cfg.objective != "meanflow":
+        return None
+    from rae_cli import meanflow
+
+    if cfg.meanflow.stage == "consistency" and not cfg.teacher:
+        raise ConfigError("meanflow.stage=consistency needs a flow-matching teacher (teacher=RUN)")
+    teacher = meanflow.load_teacher(cfg.teacher, device, data.latent_shape, data.num_classes) if cfg.teacher \
+        else None
+    meanflow.initialise(model, cfg.meanflow.init, cfg.teacher)
+    null_label = data.num_classes if cfg.dit.class_dropout_prob > 0 else -1
+    if cfg.meanflow.guided and null_label < 0:
+        raise ConfigError("meanflow guidance needs a model trained with label dropout (dit.class_dropout_prob > 0)")
+    return meanflow.MeanFlowLoss(cfg.meanflow, null_label, teacher, shift)
 
 
 def _save(ckroot: Path, step: int, cfg: TrainDiTConfig, plan: Plan, model, ema, optimizer, data: _Data,
@@ -558,6 +601,7 @@ def _train(cfg: TrainDiTConfig, out: Path, dist) -> Path:
     micro = cfg.global_batch_size // (world * cfg.grad_accum_steps)
 
     model = build_model(cfg, data.latent_shape, data.num_classes).to(device)
+    objective = _meanflow_objective(cfg, model, data, shift, device)  # None for flow matching
     ema = EMA(model, cfg.ema_decay)  # equal to the model: in sync on every rank from the start
     optimizer = make_optimizer(model, cfg.optim, device)
     ckroot = out / "checkpoints"
@@ -620,7 +664,7 @@ def _train(cfg: TrainDiTConfig, out: Path, dist) -> Path:
                     loss, gnorm = train_step(model_fn=model_fn, raw_model=model, optimizer=optimizer, ema=ema,
                                              micro_batches=micro_batches, lr=lr, clip_grad=cfg.optim.clip_grad,
                                              precision=cfg.precision, no_sync=ddp.no_sync if ddp else None,
-                                             dist=dist, step=step + 1)
+                                             dist=dist, step=step + 1, objective=objective)
                 except NonFiniteError as e:
                     where = (f"the last good checkpoint is {ckroot / checkpoint_name(saved_step)} (step {saved_step}); "
                              "it is kept" if saved_step is not None else "no checkpoint had been saved yet")
