@@ -10,7 +10,7 @@
 # Results in OUT_DIR/one-step/: side_by_side.png (rows = classes 0..9; 50-step Euler | 2-step | 1-step),
 # metrics.json (class accuracy and Fréchet distance of each, the targets, network evaluations), timings.json.
 # MEANFLOW_FROM_SCRATCH=1 trains without the teacher (random init, data velocity, CFG folded with the model's own
-# predictions) instead. QUICKSTART_SCALE=ci: a few steps per stage (test suite).
+# predictions) instead, for the same number of steps. QUICKSTART_SCALE=ci: a few steps per stage (test suite).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-quickstart-out}
@@ -29,7 +29,7 @@ T_QS=$EPOCHREALTIME
 
 MF=(); SMP=()
 if [ "${MEANFLOW_FROM_SCRATCH:-0}" = "1" ]; then
-  MF=(teacher=null meanflow.init=null meanflow.guidance_scale=2.0 epochs=60)
+  MF=(teacher=null meanflow.init=null meanflow.guidance_scale=2.0)  # same 660 steps as the distilled run
   RUN="$OUT/meanflow-scratch"; RES="$OUT/one-step-scratch"
 else
   MF=(teacher="$OUT/dit")
