@@ -227,8 +227,10 @@ class MeanFlowLoss:
         if self.teacher is not None:
             v = teacher_velocity(self.teacher, z_t, t, y, drop, self.null_label, self.cfg)
         else:
-            v = target_velocity(lambda a, b, c, d: raw_model(a, c, d, r=b), z_t, t, y, drop, noise - z,
-                                self.null_label, self.cfg)
+            def labelled(z_, r_, t_, y_):  # explicit labels (null included), never the random training dropout
+                return raw_model(z_, t_, y_, r=r_, force_drop_ids=torch.zeros_like(y_))
+
+            v = target_velocity(labelled, z_t, t, y, drop, noise - z, self.null_label, self.cfg)
         v = v.to(z_t.dtype)
         one_pass = model_fn is raw_model and self.cfg.derivative == "jvp" and not raw_model.grad_checkpointing
         if one_pass:

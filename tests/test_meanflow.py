@@ -189,3 +189,34 @@ def test_sampler_with_the_exact_average_velocity_is_exact():
         out = meanflow.sample(exact_average_velocity, z, num_steps=steps, shift=2.0)
         assert out.nfe == steps
         torch.testing.assert_close(out.samples, MU + S * z)  # the ODE map from N(0, I) to N(μ, s²)
+
+
+def test_folded_guidance_target_and_teacher_velocity():
+    model = tiny().train()  # training mode: the guidance passes must not use the random label dropout
+    z, r, t, y, noise = batch(4)
+    drop = torch.tensor([0, 1, 0, 0])
+    cfg = MeanFlowConfig(guidance_scale=2.0, guidance_kappa=0.5, guidance_t_max=0.99, adaptive_p=0.0)
+    loss = MeanFlowLoss(cfg, null_label=10)
+    a, b = loss(model, model, z, y, drop, r, t, noise), loss(model, model, z, y, drop, r, t, noise)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    def net(z_, r_, t_, y_):
+        return model(z_, t_, y_, r=r_, force_drop_ids=torch.zeros_like(y_))
+
+    v = noise - z
+    got = meanflow.target_velocity(net, z, t, y, drop, v, 10, cfg)
+    with torch.no_grad():
+        cond, uncond = net(z, t, t, y), net(z, t, t, torch.full_like(y, 10))
+    want = 2.0 * v + 0.5 * cond + (1 - 2.0 - 0.5) * uncond
+    keep = (drop == 0) & (t <= 0.99)
+    torch.testing.assert_close(got[keep], want[keep], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[~keep], v[~keep])  # dropped labels / outside the interval: unguided
+    assert meanflow.target_velocity(net, z, t, y, drop, v, 10, MeanFlowConfig()) is v
+
+    teacher = tiny("none", seed=5)
+    tv = meanflow.teacher_velocity(teacher, z, t, y, drop, 10, MeanFlowConfig(guidance_scale=3.0))
+    with torch.no_grad():
+        c, u = teacher(z, t, y).float(), teacher(z, t, torch.full_like(y, 10)).float()
+    torch.testing.assert_close(tv[drop == 0], (u + 3.0 * (c - u))[drop == 0], rtol=1e-5, atol=1e-5)
+    # a dropped label: the teacher sees the null label both times → its unconditional velocity
+    torch.testing.assert_close(tv[drop == 1], u[drop == 1], rtol=1e-5, atol=1e-6)
