@@ -59,7 +59,7 @@ for n in 2 1; do
                               --out "$RES/metrics-${n}step.json"
 done
 
-python - "$OUT" "$RES" <<'EOF'
+python - "$OUT" "$RES" "${MEANFLOW_FROM_SCRATCH:-0}" <<'EOF'
 import json, sys
 from pathlib import Path
 import numpy as np
@@ -110,7 +110,7 @@ timings["total"] = round(sum(timings.values()), 1)
 (res / "timings.json").write_text(json.dumps(timings, indent=2))
 summary = {"results": metrics, "targets_met": targets,
            "frechet_distance_features": "efficientnet-lite0-imagenet (offline; not FID)",
-           "teacher": str(out / "dit"), "timings_s": timings}
+           "teacher": None if sys.argv[3] == "1" else str(out / "dit"), "timings_s": timings}
 (res / "metrics.json").write_text(json.dumps(summary, indent=2))
 print(f"\none-step done → {res}/  (total {timings['total']} s, {timings.get('train-meanflow')} s MeanFlow training)")
 for name, m in metrics.items():
