@@ -142,7 +142,7 @@ def build_dit_model(cfg: DiTConfig, latent_shape: Sequence[int], num_classes: in
         model = build_dit(cfg.name, input_size=h, in_channels=c, num_classes=num_classes, patch_size=cfg.patch_size,
                           mlp_ratio=cfg.mlp_ratio, class_dropout_prob=cfg.class_dropout_prob,
                           learn_pos_embed=cfg.learn_pos_embed, final_norm=cfg.final_norm,
-                          allow_narrow=cfg.allow_narrow, **overrides)
+                          allow_narrow=cfg.allow_narrow, second_time=cfg.second_time, **overrides)
     except ValueError as e:  # unknown name, width rule (Theorem 1), inconsistent sizes
         raise ConfigError(f"dit: {e}") from e
     model.grad_checkpointing = cfg.grad_checkpointing

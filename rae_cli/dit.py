@@ -2,7 +2,13 @@
 
 Both models take the noisy latent x (B, C, H, W), the flow time t (B,) in [0, 1] (t = 1 is noise) and class labels
 y (B,) and return the velocity (B, C, H, W). Parameter names match the official checkpoints (``LightningDiT`` and
-``DiTwDDTHead``), so official state dicts load strictly. Also here: the paper-name registry, the width rule of
+``DiTwDDTHead``), so official state dicts load strictly.
+
+MeanFlow (``second_time="interval"`` or ``"r"``): the model also takes the start time r of an interval [r, t] and
+returns the *average* velocity over it; the second time (t − r, or r) is embedded like t by ``r_embedder`` (the
+MF-RAE key name) and added to the time embedding wherever t_emb is used. Without r (r = t) it is the
+instantaneous velocity. ``r_embedder``'s output layer starts at zero, so a flow-matching state dict loaded into a
+MeanFlow model (:func:`load_flow_into_meanflow`) gives exactly the flow model, for every (r, t). Also here: the paper-name registry, the width rule of
 Theorem 1, and parameter counting.
 """
 
@@ -115,6 +121,36 @@ class _DiTBase(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
 
+    second_time: str = "none"
+
+    def _add_second_time(self, second_time: str, dim: int) -> None:
+        """MeanFlow's second time input, made after every other layer (so the rest of the init is unchanged):
+        N(0, 0.02) first layer like t_embedder, zero output layer, so that it adds nothing until trained."""
+        if second_time not in SECOND_TIME:
+            raise ValueError(f"second_time must be one of {', '.join(SECOND_TIME)}, got {second_time!r}")
+        self.second_time = second_time
+        if second_time == "none":
+            return
+        self.r_embedder = GaussianFourierEmbedding(dim)
+        nn.init.normal_(self.r_embedder.mlp[0].weight, std=0.02)
+        nn.init.zeros_(self.r_embedder.mlp[0].bias)
+        nn.init.zeros_(self.r_embedder.mlp[2].weight)
+        nn.init.zeros_(self.r_embedder.mlp[2].bias)
+
+    def _time_embedding(self, t: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
+        """t_emb, plus the embedding of t − r (or r) for a MeanFlow model; r = None means r = t."""
+        t_emb = self.t_embedder(t)
+        if self.second_time == "none":
+            if r is not None:
+                raise ValueError("this model has no second time input (dit.second_time: none); it cannot take r")
+            return t_emb
+        if r is None:
+            r = t
+        return t_emb + self.r_embedder(t - r if self.second_time == "interval" else r)
+
+
+SECOND_TIME = ("none", "interval", "r")
+
 
 def _as_pair(value, name: str) -> list:
     if isinstance(value, (list, tuple)):
@@ -157,7 +193,8 @@ class LightningDiT(_DiTBase):
                  depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
                  num_classes: int = 1000, learn_sigma: bool = False, use_qknorm: bool = False,
                  use_swiglu: bool = True, use_rope: bool = True, use_rmsnorm: bool = True, wo_shift: bool = False,
-                 use_pos_embed: bool = True, learn_pos_embed: bool = False, final_norm: bool = True):
+                 use_pos_embed: bool = True, learn_pos_embed: bool = False, final_norm: bool = True,
+                 second_time: str = "none"):
         super().__init__()
         if learn_pos_embed and not use_pos_embed:
             raise ValueError("learn_pos_embed=True needs use_pos_embed=True")
@@ -182,6 +219,7 @@ class LightningDiT(_DiTBase):
             for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size**2 * self.out_channels, use_rmsnorm, final_norm)
         self.initialize_weights()
+        self._add_second_time(second_time, hidden_size)
 
     def initialize_weights(self) -> None:
         """Official LightningDiT init: xavier on every Linear (zero bias), patch-embed like a Linear, N(0, 0.02)
@@ -198,13 +236,14 @@ class LightningDiT(_DiTBase):
         self._init_embedders()
         self._zero_adaln_and_output()
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *,
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *, r: torch.Tensor | None = None,
                 force_drop_ids: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Velocity for noisy latents x (B, C, H, W) at times t (B,) with labels y (B,)."""
+        """Velocity for noisy latents x (B, C, H, W) at times t (B,) with labels y (B,); with r (B,) (MeanFlow
+        models only) the average velocity over [r, t]."""
         h = self.x_embedder(x)  # (B, N, D)
         if self.pos_embed is not None:
             h = h + self.pos_embed
-        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids, generator)  # (B, D)
+        c = self._time_embedding(t, r) + self.y_embedder(y, self.training, force_drop_ids, generator)  # (B, D)
         for block in self.blocks:
             h = self._run_block(block, h, c, self.feat_rope)
         h = self.final_layer(h, c)  # (B, N, p²·C_out)
@@ -257,6 +296,7 @@ class DiTDH(_DiTBase):
 
     Encoder: s = blocks_enc(s_embedder(x) + pos_embed) conditioned on c = SiLU(t_emb + y_emb).
     Bridge:  s = s_projector(SiLU(t_emb + s))  (per token, width D_enc → D_head).
+    (MeanFlow: t_emb = t_embedder(t) + r_embedder(t − r) in both places, as MF-RAE's ``DiTwDDTHead_MF``.)
     Head:    h = blocks_head(x_embedder(x)) conditioned **per token** on s, no absolute pos-embed (RoPE only).
     Fixes over the official code: patch_size > 1 (embedders take ``in_channels``, unpatchify with the right
     channels) and ``use_rope=False`` both work. The encoder and head must share one patch size.
@@ -267,7 +307,7 @@ class DiTDH(_DiTBase):
                  num_heads: int | Sequence[int] = (16, 16), mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
                  num_classes: int = 1000, use_qknorm: bool = False, use_swiglu: bool = True, use_rope: bool = True,
                  use_rmsnorm: bool = True, wo_shift: bool = False, use_pos_embed: bool = True,
-                 learn_pos_embed: bool = False, final_norm: bool = True):
+                 learn_pos_embed: bool = False, final_norm: bool = True, second_time: str = "none"):
         super().__init__()
         p_s, p_x = _as_pair(patch_size, "patch_size")
         if p_s != p_x:
@@ -304,6 +344,7 @@ class DiTDH(_DiTBase):
                                     + [block(d_head, h_head) for _ in range(l_head)])
         self.final_layer = FinalLayer(d_head, p_x**2 * in_channels, use_rmsnorm, final_norm)
         self.initialize_weights()
+        self._add_second_time(second_time, d_enc)
 
     def initialize_weights(self) -> None:
         """Official DDT init: Linear layers keep PyTorch's default init (no global xavier); both patch-embeds like a
@@ -314,10 +355,11 @@ class DiTDH(_DiTBase):
         self._init_pos_embed()
         self._zero_adaln_and_output()
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *,
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *, r: torch.Tensor | None = None,
                 force_drop_ids: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Velocity for noisy latents x (B, C, H, W) at times t (B,) with labels y (B,)."""
-        t_emb = self.t_embedder(t)  # (B, D_enc)
+        """Velocity for noisy latents x (B, C, H, W) at times t (B,) with labels y (B,); with r (B,) (MeanFlow
+        models only) the average velocity over [r, t]. The second time's embedding joins t_emb in both places."""
+        t_emb = self._time_embedding(t, r)  # (B, D_enc)
         c = F.silu(t_emb + self.y_embedder(y, self.training, force_drop_ids, generator))  # (B, D_enc)
 
         s = self.s_embedder(x)  # (B, N, D_enc)
@@ -411,6 +453,23 @@ def build_dit(name: str, *, input_size: int, in_channels: int, num_classes: int,
         raise ValueError(f"{name} needs an integer hidden_size, got {hidden!r}")
     check_width(width, in_channels * patch_size**2, allow_narrow)
     return cls(**kwargs)
+
+
+def load_flow_into_meanflow(model: nn.Module, state_dict: dict, what: str = "weights") -> list[str]:
+    """Load a state dict into ``model``; a flow-matching state dict may lack the MeanFlow ``r_embedder.*`` keys.
+
+    The rule: every key of the state dict must exist in the model with the same shape, and the only keys the model
+    may have beyond it are ``r_embedder.*``, which keep their initial values — a zero output layer, so the loaded
+    model computes exactly the flow model's velocity, whatever r is. Returns the keys left at their init.
+    """
+    own = model.state_dict()
+    unexpected = sorted(set(state_dict) - set(own))
+    missing = sorted(k for k in set(own) - set(state_dict) if not k.startswith("r_embedder."))
+    if unexpected or missing:
+        raise ValueError(f"{what} do not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    kept = sorted(set(own) - set(state_dict))
+    model.load_state_dict(state_dict, strict=False)
+    return kept
 
 
 class ParamCount(NamedTuple):

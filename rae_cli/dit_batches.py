@@ -210,7 +210,8 @@ def noise_for(cfg: TrainDiTConfig, step: int, positions: torch.Tensor, latent_sh
 
 def micro_batches(cfg: TrainDiTConfig, step: int, shift: float, x: torch.Tensor, y: torch.Tensor,
                   pos: torch.Tensor, data: Data, mean, var, micro: int, device: torch.device) -> list:
-    """This process's share of step ``step`` as micro-batches [(z, y, t, noise, drop_ids or None)] on ``device``."""
+    """This process's share of step ``step`` as micro-batches [(z, y, t, noise, drop_ids or None, r or None)] on
+    ``device`` (r: MeanFlow's start time, None for flow matching)."""
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     if data.encoder is not None:
         with torch.no_grad():  # the frozen encoder runs in fp32, outside DDP and autocast (official)
@@ -218,9 +219,16 @@ def micro_batches(cfg: TrainDiTConfig, step: int, shift: float, x: torch.Tensor,
     z = normalize_latents(x.float(), mean, var, cfg.rae.eps)
     draws = step_draws(cfg, step, shift)
     t = draws.t[pos].to(device)
+    r = None
+    if cfg.objective == "meanflow":  # MeanFlow draws its own (r, t) pair, from (seed, step) too
+        from rae_cli.meanflow import draw_times
+
+        r, t = (a[pos].to(device) for a in draw_times(cfg.meanflow, cfg.flow, cfg.seed, step,
+                                                      cfg.global_batch_size, shift))
     p = cfg.dit.class_dropout_prob
     drop = (draws.u_drop[pos] < p).long().to(device) if p > 0 else None  # 1 → the null label (CFG dropout)
     noise = noise_for(cfg, step, pos, data.latent_shape, device)
     return [(z[i:i + micro], y[i:i + micro], t[i:i + micro], noise[i:i + micro],
-             None if drop is None else drop[i:i + micro]) for i in range(0, len(pos), micro)]
+             None if drop is None else drop[i:i + micro], None if r is None else r[i:i + micro])
+            for i in range(0, len(pos), micro)]
 

@@ -33,7 +33,7 @@ from rae_cli.schema import DiTConfig, FlowConfig, RAEConfig
 
 log = logging.getLogger(__name__)
 
-METHODS = ("euler", "heun", "sde")
+METHODS = ("euler", "heun", "sde", "meanflow")
 GUIDANCE_METHODS = ("none", "cfg", "autoguidance")
 LABEL_SAMPLING = ("balanced", "random")
 IMAGES_DIR = "images"
@@ -105,8 +105,10 @@ class SampleConfig:
     num_classes: Optional[int] = doc("Number of classes of the model; null = the checkpoint's, else read off the "
                                      "weights.", None)
     guidance: GuidanceConfig = doc("Guidance.", factory=GuidanceConfig)
-    method: str = doc("Sampler: euler, heun (2 network evaluations per step) or sde (Euler–Maruyama).", "euler")
-    num_steps: int = doc("Time-grid POINTS (official semantics): 50 → 49 steps; NFE is reported per image.", 50)
+    method: str = doc("Sampler: euler, heun (2 network evaluations per step), sde (Euler–Maruyama) or meanflow "
+                      "(average-velocity jumps of a MeanFlow model: train-dit objective=meanflow).", "euler")
+    num_steps: int = doc("Time-grid POINTS (official semantics): 50 → 49 steps; NFE is reported per image. "
+                         "method=meanflow: the number of jumps = network evaluations (1 = one-step).", 50)
     to_zero: bool = doc("Integrate all the way to t = 0 instead of stopping at shift(0.001) (official).", False)
     sde_diffusion: float = doc("Euler–Maruyama diffusion w(t) = sde_diffusion·t (method=sde).", 1.0)
     num_images: int = doc("How many images (the paper's FID protocol: 50000).", 16)
@@ -130,7 +132,13 @@ class SampleConfig:
     def validate(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
-        if self.num_steps < 2:
+        if self.method == "meanflow":
+            if self.num_steps < 1:
+                raise ConfigError("method=meanflow: num_steps counts jumps and must be ≥ 1")
+            if self.guidance.active:
+                raise ConfigError("method=meanflow: guidance is folded into MeanFlow training "
+                                  "(meanflow.guidance_scale); sample with guidance.method=none")
+        elif self.num_steps < 2:
             raise ConfigError("num_steps counts grid points and must be ≥ 2 (one step)")
         if self.num_images < 1 or self.batch_size < 1 or self.grid_images < 0:
             raise ConfigError("num_images and batch_size must be ≥ 1, grid_images ≥ 0")
@@ -246,6 +254,11 @@ class Sampling:
             return guided_model_fn(self.model, y[rows], method, g.scale, g.t_min, g.t_max, guide_model=self.guide,
                                    null_label=self.num_classes)
 
+        if self.cfg.method == "meanflow":
+            from rae_cli import meanflow
+
+            return meanflow.sample(lambda x, r, t: self.model(x, t, y, r=r), z, num_steps=self.cfg.num_steps,
+                                   shift=self.shift).samples
         kwargs = dict(num_steps=self.cfg.num_steps, shift=self.shift, to_zero=self.cfg.to_zero)
         if self.cfg.method != "sde":
             return samplers.sample(self.cfg.method, model_fn(slice(None)), z, **kwargs).samples
@@ -263,9 +276,9 @@ class Sampling:
 
 def _network(module: torch.nn.Module, bf16: bool, device: torch.device):
     """``net(x, t, y)`` under bf16 autocast when asked, returning fp32 velocities (the sampler state stays fp32)."""
-    def net(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def net(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, **kwargs) -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            return module(x, t, y).float()
+            return module(x, t, y, **kwargs).float()
     return net
 
 
@@ -395,6 +408,9 @@ def prepare(cfg: SampleConfig, device: torch.device | str = "cpu") -> tuple[Samp
 
     device = torch.device(device)
     stage2 = load_stage2(cfg, device=device)
+    if cfg.method == "meanflow" and getattr(stage2.model, "second_time", "none") == "none":
+        raise ConfigError("method=meanflow needs a MeanFlow model (train-dit objective=meanflow); this one is a "
+                          "flow-matching model: sample it with euler or heun")
     guide = load_guide(cfg, stage2, device=device) if cfg.guidance.active and \
         cfg.guidance.method == "autoguidance" else None
     rae = None
@@ -488,6 +504,7 @@ def sample(cfg: SampleConfig, out_dir: str | Path) -> SampleSummary:
                                           out_dir / "grid.png")
         else:
             _pack_latents(out_dir, cfg.num_images)
+        from rae_cli.meanflow import meanflow_grid
         from rae_cli.samplers import expected_nfe, time_grid
 
         info = {
@@ -496,8 +513,9 @@ def sample(cfg: SampleConfig, out_dir: str | Path) -> SampleSummary:
             "labels": labels.tolist(),
             "method": cfg.method,
             "num_steps": cfg.num_steps,
-            "sampler_steps": cfg.num_steps - 1,
-            "time_grid": [round(float(t), 6) for t in time_grid(cfg.num_steps, shift, to_zero=cfg.to_zero)],
+            "sampler_steps": cfg.num_steps if cfg.method == "meanflow" else cfg.num_steps - 1,
+            "time_grid": [round(float(t), 6) for t in (meanflow_grid(cfg.num_steps, shift) if cfg.method == "meanflow"
+                                                       else time_grid(cfg.num_steps, shift, to_zero=cfg.to_zero))],
             "shift": shift,
             "guidance": {"method": cfg.guidance.method if cfg.guidance.active else "none",
                          "scale": cfg.guidance.scale, "t_min": cfg.guidance.t_min, "t_max": cfg.guidance.t_max},

@@ -128,7 +128,9 @@ def sample(method: str, model_fn: ModelFn, z: torch.Tensor, *, num_steps: int, s
 
 
 def expected_nfe(method: str, num_steps: int) -> int:
-    """NFE of ``method`` on a grid of ``num_steps`` points (without guidance)."""
+    """NFE of ``method`` on a grid of ``num_steps`` points (without guidance); meanflow: num_steps jumps."""
+    if method == "meanflow":
+        return num_steps
     steps = num_steps - 1
     return 2 * steps if method == "heun" else steps
 

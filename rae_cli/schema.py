@@ -133,6 +133,10 @@ class DiTConfig:
     final_norm: bool = doc("Norm before the final layer (paper: true).", True)
     allow_narrow: bool = doc("Build even if width < latent channels (Theorem 1: the loss cannot reach 0).", False)
     grad_checkpointing: bool = doc("Activation checkpointing per block (saves memory, ~30% slower).", False)
+    second_time: str = doc("MeanFlow models: a second time input embedded like t and added to its embedding — "
+                           "interval (t − r, MF-RAE / MeanFlow) or r; none = a flow-matching model (its weights "
+                           "load into a MeanFlow model, whose new r_embedder starts with a zero output layer).",
+                           "none")
 
 
 @dataclass

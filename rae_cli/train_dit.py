@@ -70,8 +70,11 @@ def make_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devic
 
 def train_step(*, model_fn, raw_model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema, micro_batches,
                lr: float, clip_grad: float | None, precision: str, no_sync=None, dist=None,
-               step: int | None = None, scaler=None) -> tuple[float, float]:
-    """One optimizer step over this process's ``micro_batches`` [(z, y, t, noise, drop_ids or None)].
+               step: int | None = None, scaler=None, objective=None) -> tuple[float, float]:
+    """One optimizer step over this process's ``micro_batches`` [(z, y, t, noise, drop_ids or None[, r])].
+
+    ``objective``: None = flow matching; else a :class:`rae_cli.meanflow.MeanFlowLoss`, called with the micro-batch
+    and its r, returning (loss to back-propagate, loss to log), both per sample.
 
     Each micro-batch loss is its per-sample mean divided by the number of micro-batches, so the accumulated
     gradient is that of the batch mean (DDP averages it over processes). Gradients are all-reduced on the last
@@ -90,15 +93,19 @@ def train_step(*, model_fn, raw_model: torch.nn.Module, optimizer: torch.optim.O
     scaler = scaler if scaler is not None else grad_scaler(device, precision)
     accum = len(micro_batches)
     loss_sum = torch.zeros((), device=device)
-    for i, (z, y, t, noise, drop) in enumerate(micro_batches):
+    for i, (z, y, t, noise, drop, *rest) in enumerate(micro_batches):
         # Forward and backward of all but the last micro-batch run without the DDP gradient all-reduce.
         sync = no_sync is None or i == accum - 1
         with contextlib.nullcontext() if sync else no_sync():
             with autocast(device, precision):
-                kwargs = {"y": y} if drop is None else {"y": y, "force_drop_ids": drop}
-                loss = training_loss(model_fn, z, kwargs, t=t, noise=noise).mean() / accum  # fp32
+                if objective is None:
+                    kwargs = {"y": y} if drop is None else {"y": y, "force_drop_ids": drop}
+                    loss = logged = training_loss(model_fn, z, kwargs, t=t, noise=noise).mean() / accum  # fp32
+                else:
+                    weighted, mse = objective(model_fn, raw_model, z, y, drop, rest[0], t, noise)
+                    loss, logged = weighted.mean() / accum, mse.mean() / accum
             scaler.scale(loss).backward()
-        loss_sum += loss.detach()
+        loss_sum += logged.detach()
     if faults.nonfinite("loss", step):
         loss_sum = loss_sum * float("nan")
     scaler.unscale_(optimizer)
@@ -233,6 +240,7 @@ def _train(cfg: TrainDiTConfig, out: Path, dist) -> Path:
     from rae_cli.config import to_dict
     from rae_cli.dit_batches import collate_step, micro_batches, open_data, resolve_stats_path
     from rae_cli.ema import EMA
+    from rae_cli.meanflow import training_objective
     from rae_cli.run_dir import MetricsLogger, check_loggers, checkpoint_name, latest_checkpoint
     from rae_cli.stage2_bundle import checkpoint_entries
     from rae_cli.training import bad_images, guard
@@ -260,6 +268,7 @@ def _train(cfg: TrainDiTConfig, out: Path, dist) -> Path:
         _check_same_stats(last, mean, var)
 
     model = build_model(cfg, data.latent_shape, data.num_classes).to(device)
+    objective = training_objective(cfg, model, data, shift, device)  # None for flow matching (rae_cli.meanflow)
     ema = EMA(model, cfg.ema_decay)  # equal to the model: in sync on every rank from the start
     optimizer = make_optimizer(model, cfg.optim, device)
     scaler = grad_scaler(device, cfg.precision)
@@ -324,7 +333,7 @@ def _train(cfg: TrainDiTConfig, out: Path, dist) -> Path:
                     loss, gnorm = train_step(model_fn=model_fn, raw_model=model, optimizer=optimizer, ema=ema,
                                              micro_batches=batch, lr=lr, clip_grad=cfg.optim.clip_grad,
                                              precision=cfg.precision, no_sync=ddp.no_sync if ddp else None,
-                                             dist=dist, step=step + 1, scaler=scaler)
+                                             dist=dist, step=step + 1, scaler=scaler, objective=objective)
                 except NonFiniteError as e:
                     raise stop(e, step + 1, lr) from None
                 done = step + 1

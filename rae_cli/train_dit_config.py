@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar, List, Optional
 
 from rae_cli.config import ConfigError, doc
+from rae_cli.meanflow import MeanFlowConfig
 from rae_cli.schema import DiTConfig, FlowConfig, RAEConfig
 
 
@@ -58,6 +59,12 @@ class TrainDiTConfig:
                          "uses with the trained model.", factory=RAEConfig)
     dit: DiTConfig = doc("The diffusion transformer (a string names a dit preset).", factory=DiTConfig)
     flow: FlowConfig = doc("Flow matching: time distribution and shift.", factory=FlowConfig)
+    objective: str = doc("flow (flow matching, the paper) or meanflow (average velocities for 1–2-step sampling; "
+                         "needs dit.second_time; settings in meanflow).", "flow")
+    meanflow: MeanFlowConfig = doc("MeanFlow training (objective: meanflow).", factory=MeanFlowConfig)
+    teacher: Optional[str] = doc("objective meanflow: a frozen flow-matching train-dit run (or checkpoint folder) "
+                                 "whose (guided) velocity replaces ε − x in the target (distillation, MF-RAE MFD); "
+                                 "null = MeanFlow from the data alone.", None)
     optim: OptimConfig = doc("AdamW and clipping.", factory=OptimConfig)
     schedule: ScheduleConfig = doc("Learning-rate schedule.", factory=ScheduleConfig)
 
@@ -125,4 +132,8 @@ class TrainDiTConfig:
                               "not both")
         if self.latent_shape is not None and len(self.latent_shape) != 3:
             raise ConfigError("latent_shape must be [C, h, w]")
+        if self.objective not in ("flow", "meanflow"):
+            raise ConfigError(f"objective must be flow or meanflow, not {self.objective!r}")
+        if self.objective == "meanflow" and getattr(self.dit, "second_time", "none") == "none":
+            raise ConfigError("objective=meanflow needs a model with a second time input: dit.second_time=interval")
 
