@@ -68,6 +68,7 @@ class CacheLatentsConfig:
     num_workers: int = doc("Image-decoding worker processes per process (0 = decode in the main process).", 4)
     precision: str = doc("Encoder precision: fp32 (official) or bf16 autocast.", "fp32")
     device: str = doc("auto, cpu or cuda (under torchrun: the local GPU).", "auto")
+    tf32: bool = doc("Allow TF32 matmuls on NVIDIA GPUs for the encoder (no effect on CPU).", True)
 
     def validate(self) -> None:
         if self.dtype not in DTYPES:
@@ -196,6 +197,7 @@ def cache_latents(cfg: CacheLatentsConfig, images: str | Path, out_dir: str | Pa
     from rae_cli.data import scan_image_folder
 
     dist = distributed.init(cfg.device)
+    distributed.set_tf32(dist.device, cfg.tf32)
     out = Path(out_dir)
     data = scan_image_folder(images)
     root = Path(images)

@@ -113,6 +113,7 @@ class SampleConfig:
     seed: int = doc("Global seed: image i's noise comes from (seed, i).", 0)
     batch_size: int = doc("Images per forward pass, per process (does not change the images).", 16)
     dtype: str = doc("fp32, or bf16 (autocast for the networks; the sampler state stays fp32).", "fp32")
+    tf32: bool = doc("Allow TF32 matmuls on NVIDIA GPUs (the official sampler's default; no effect on CPU).", True)
     device: str = doc("auto, cpu or cuda (torchrun: one GPU per process).", "auto")
     decode: bool = doc("Decode to images; false = save the sampled (normalised) latents only.", True)
     grid_images: int = doc("How many images go into grid.png (0 = no grid).", 64)
@@ -241,16 +242,13 @@ class Sampling:
         kwargs = dict(num_steps=self.cfg.num_steps, shift=self.shift, to_zero=self.cfg.to_zero)
         if self.cfg.method != "sde":
             return samplers.sample(self.cfg.method, model_fn(slice(None)), z, **kwargs).samples
-        # Euler–Maruyama draws fresh noise every step from one generator for the whole batch; to keep image i
-        # independent of its batch-mates, each image is integrated with its own generator (seed, i, 2).
+        # Euler–Maruyama draws fresh noise every step; to keep image i independent of its batch-mates, row i draws
+        # from its own generator (seed, i, 2), and the whole batch goes through the network at once.
         if indices is None:
             raise ValueError("the sde sampler needs the image indices (they seed its per-image noise)")
-        out = []
-        for j, i in enumerate(indices):
-            gen = generator(self.cfg.seed, i, SDE_NOISE_STREAM, device=self.device)
-            out.append(samplers.sample("sde", model_fn(slice(j, j + 1)), z[j:j + 1], generator=gen,
-                                       diffusion_scale=self.cfg.sde_diffusion, **kwargs).samples)
-        return torch.cat(out)
+        gens = [generator(self.cfg.seed, i, SDE_NOISE_STREAM, device=self.device) for i in indices]
+        return samplers.sample("sde", model_fn(slice(None)), z, generator=gens, diffusion_scale=self.cfg.sde_diffusion,
+                               **kwargs).samples
 
 
 def _network(module: torch.nn.Module, bf16: bool, device: torch.device):
@@ -341,6 +339,7 @@ def sample(cfg: SampleConfig, out_dir: str | Path) -> SampleSummary:
 
     dist = distributed.init(cfg.device)
     device = dist.device
+    distributed.set_tf32(device, cfg.tf32)
     out_dir = Path(out_dir)
     _check_resumable(cfg, out_dir)  # on every rank, so that all of them stop together
     if dist.is_main:
