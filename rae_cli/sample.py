@@ -526,15 +526,33 @@ def write_grid(paths: list[Path], out: Path) -> Path:
 
 
 def _pack_latents(out_dir: Path, num_images: int) -> Path:
-    """All per-image latents (decode=false) in one file: ``latents`` (N, C, h, w) and ``labels`` (N,)."""
-    from rae_cli.checkpoint import load_safetensors, save_safetensors
+    """All per-image latents (decode=false) in one safetensors file: ``latents`` (N, C, h, w) fp32 and ``labels``
+    (N,) int64, streamed image by image (memory stays at one latent: 50k latents at 512² are 157 GB)."""
+    import struct
 
-    zs, ys = [], []
-    for i in range(num_images):
-        tensors, meta = load_safetensors(latent_path(out_dir, i))
-        zs.append(tensors["latent"])
-        ys.append(int(meta["label"]))
+    from rae_cli.checkpoint import atomic_path, load_safetensors
+    from rae_cli.errors import DataError
+
+    first, _ = load_safetensors(latent_path(out_dir, 0))
+    shape = tuple(first["latent"].shape)
+    per = first["latent"].numel() * 4
+    meta = {"normalized": "true", "note": "sampled latents in the normalised space (decode with the RAE)"}
+    header = {"__metadata__": meta,
+              "latents": {"dtype": "F32", "shape": [num_images, *shape], "data_offsets": [0, per * num_images]},
+              "labels": {"dtype": "I64", "shape": [num_images],
+                         "data_offsets": [per * num_images, per * num_images + 8 * num_images]}}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    labels = []
     out = out_dir / LATENTS_NAME
-    save_safetensors(out, {"latents": torch.stack(zs), "labels": torch.tensor(ys)},
-                     {"normalized": True, "note": "sampled latents in the normalised space (decode with the RAE)"})
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for i in range(num_images):
+            tensors, info = load_safetensors(latent_path(out_dir, i))
+            z = tensors["latent"].float().contiguous()
+            if tuple(z.shape) != shape:
+                raise DataError(f"{latent_path(out_dir, i)} holds a latent of shape {tuple(z.shape)}, not {shape}")
+            f.write(z.numpy().tobytes())
+            labels.append(int(info["label"]))
+        f.write(torch.tensor(labels, dtype=torch.int64).numpy().tobytes())
     return out
