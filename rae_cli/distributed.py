@@ -137,3 +137,10 @@ def setup_logging(dist: Dist, level: int = logging.INFO) -> None:
     """Rank 0 logs at ``level``; other ranks only warnings."""
     logging.basicConfig(level=level if dist.is_main else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def set_tf32(device: torch.device, enabled: bool) -> None:
+    """Allow TF32 matmuls/convolutions on NVIDIA GPUs (the official sampler's default); no effect elsewhere."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled

@@ -74,6 +74,7 @@ class CacheLatentsConfig:
     device: str = doc("auto, cpu or cuda (under torchrun: the local GPU).", "auto")
     dist_timeout: Optional[float] = doc("Under torchrun: minutes a collective waits for the other processes before "
                                         "the job fails (null = torch's default: NCCL 10, gloo 30).", None)
+    tf32: bool = doc("Allow TF32 matmuls on NVIDIA GPUs for the encoder (no effect on CPU).", True)
 
     def validate(self) -> None:
         if self.dtype not in DTYPES:
@@ -202,6 +203,7 @@ def cache_latents(cfg: CacheLatentsConfig, images: str | Path, out_dir: str | Pa
     from rae_cli.data import scan_image_folder
 
     dist = distributed.init(cfg.device, cfg.dist_timeout)
+    distributed.set_tf32(dist.device, cfg.tf32)
     out = Path(out_dir)
     data = scan_image_folder(images)
     root = Path(images)

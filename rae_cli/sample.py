@@ -118,6 +118,7 @@ class SampleConfig:
     seed: int = doc("Global seed: image i's noise comes from (seed, i).", 0)
     batch_size: int = doc("Images per forward pass, per process (does not change the images).", 16)
     dtype: str = doc("fp32, or bf16 (autocast for the networks; the sampler state stays fp32).", "fp32")
+    tf32: bool = doc("Allow TF32 matmuls on NVIDIA GPUs (the official sampler's default; no effect on CPU).", True)
     device: str = doc("auto, cpu or cuda (torchrun: one GPU per process).", "auto")
     dist_timeout: Optional[float] = doc("Under torchrun: minutes a collective waits for the other processes before "
                                         "the job fails (null = torch's default: NCCL 10, gloo 30).", None)
@@ -262,16 +263,13 @@ class Sampling:
         kwargs = dict(num_steps=self.cfg.num_steps, shift=self.shift, to_zero=self.cfg.to_zero)
         if self.cfg.method != "sde":
             return samplers.sample(self.cfg.method, model_fn(slice(None)), z, **kwargs).samples
-        # Euler–Maruyama draws fresh noise every step from one generator for the whole batch; to keep image i
-        # independent of its batch-mates, each image is integrated with its own generator (seed, i, 2).
+        # Euler–Maruyama draws fresh noise every step; to keep image i independent of its batch-mates, row i draws
+        # from its own generator (seed, i, 2), and the whole batch goes through the network at once.
         if indices is None:
             raise ValueError("the sde sampler needs the image indices (they seed its per-image noise)")
-        out = []
-        for j, i in enumerate(indices):
-            gen = generator(self.cfg.seed, i, SDE_NOISE_STREAM, device=self.device)
-            out.append(samplers.sample("sde", model_fn(slice(j, j + 1)), z[j:j + 1], generator=gen,
-                                       diffusion_scale=self.cfg.sde_diffusion, **kwargs).samples)
-        return torch.cat(out)
+        gens = [generator(self.cfg.seed, i, SDE_NOISE_STREAM, device=self.device) for i in indices]
+        return samplers.sample("sde", model_fn(slice(None)), z, generator=gens, diffusion_scale=self.cfg.sde_diffusion,
+                               **kwargs).samples
 
 
 def _network(module: torch.nn.Module, bf16: bool, device: torch.device):
@@ -451,6 +449,7 @@ def sample(cfg: SampleConfig, out_dir: str | Path) -> SampleSummary:
 
     dist = distributed.init(cfg.device, cfg.dist_timeout)
     device = dist.device
+    distributed.set_tf32(device, cfg.tf32)
     out_dir = Path(out_dir)
     _check_resumable(cfg, out_dir)  # on every rank, so that all of them stop together
     model_cfg, sources = pin_sources(cfg, out_dir)  # before the barrier: rank 0 rewrites config.yaml after it
@@ -642,15 +641,33 @@ def write_grid(paths: list[Path], out: Path) -> Path:
 
 
 def _pack_latents(out_dir: Path, num_images: int) -> Path:
-    """All per-image latents (decode=false) in one file: ``latents`` (N, C, h, w) and ``labels`` (N,)."""
-    from rae_cli.checkpoint import load_safetensors, save_safetensors
+    """All per-image latents (decode=false) in one safetensors file: ``latents`` (N, C, h, w) fp32 and ``labels``
+    (N,) int64, streamed image by image (memory stays at one latent: 50k latents at 512² are 157 GB)."""
+    import struct
 
-    zs, ys = [], []
-    for i in range(num_images):
-        tensors, meta = load_safetensors(latent_path(out_dir, i))
-        zs.append(tensors["latent"])
-        ys.append(int(meta["label"]))
+    from rae_cli.checkpoint import atomic_path, load_safetensors
+    from rae_cli.errors import DataError
+
+    first, _ = load_safetensors(latent_path(out_dir, 0))
+    shape = tuple(first["latent"].shape)
+    per = first["latent"].numel() * 4
+    meta = {"normalized": "true", "note": "sampled latents in the normalised space (decode with the RAE)"}
+    header = {"__metadata__": meta,
+              "latents": {"dtype": "F32", "shape": [num_images, *shape], "data_offsets": [0, per * num_images]},
+              "labels": {"dtype": "I64", "shape": [num_images],
+                         "data_offsets": [per * num_images, per * num_images + 8 * num_images]}}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    labels = []
     out = out_dir / LATENTS_NAME
-    save_safetensors(out, {"latents": torch.stack(zs), "labels": torch.tensor(ys)},
-                     {"normalized": True, "note": "sampled latents in the normalised space (decode with the RAE)"})
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for i in range(num_images):
+            tensors, info = load_safetensors(latent_path(out_dir, i))
+            z = tensors["latent"].float().contiguous()
+            if tuple(z.shape) != shape:
+                raise DataError(f"{latent_path(out_dir, i)} holds a latent of shape {tuple(z.shape)}, not {shape}")
+            f.write(z.numpy().tobytes())
+            labels.append(int(info["label"]))
+        f.write(torch.tensor(labels, dtype=torch.int64).numpy().tobytes())
     return out

@@ -82,15 +82,27 @@ def heun(model_fn: ModelFn, z: torch.Tensor, grid: torch.Tensor, return_trajecto
     return SampleResult(x, torch.stack(traj) if return_trajectory else None, nfe)
 
 
+def _noise_like(x: torch.Tensor, generator) -> torch.Tensor:
+    """ξ ~ N(0, I) shaped like x: from one generator, or row i from ``generator[i]`` (one stream per image, so an
+    image's noise does not depend on its batch-mates: row i equals a batch-of-one draw from the same generator)."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]}")
+        return torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype)
+                            for g in generator])
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
 def euler_maruyama(model_fn: ModelFn, z: torch.Tensor, grid: torch.Tensor, *, diffusion_scale: float = 1.0,
-                   generator: torch.Generator | None = None, return_trajectory: bool = False) -> SampleResult:
+                   generator=None, return_trajectory: bool = False) -> SampleResult:
     """Euler–Maruyama for the reverse SDE with the same marginals as the flow ODE, diffusion w(t) = scale·t.
 
     With Δ = t − t_next > 0:  x ← x − (v − w·∇log p)·Δ + sqrt(2·w·Δ)·ξ,  ξ ~ N(0, I).
     The score follows from the velocity: ∇log p = −(x + (1 − t)·v)/t (= −E[ε|x_t]/t), so
     w·∇log p = −scale·(x + (1 − t)·v) stays finite at t → 0 (unlike the official "SBDM" form, which gives NaN).
     The last step is deterministic (the mean of the update, no noise), so a grid ending at 0 returns clean data.
-    ``generator`` (on z's device, or None) draws the noise. One NFE per step; scale 0 is Euler on the ODE.
+    ``generator`` (on z's device, or None) draws the noise; a list of generators gives row i its own stream
+    (batched sampling with one noise stream per image). One NFE per step; scale 0 is Euler on the ODE.
     """
     if diffusion_scale < 0:
         raise ValueError(f"diffusion_scale must be >= 0, got {diffusion_scale}")
@@ -104,7 +116,7 @@ def euler_maruyama(model_fn: ModelFn, z: torch.Tensor, grid: torch.Tensor, *, di
         step = t_cur - t_next  # Δ > 0
         x = x - (v - w_score) * step
         if k < n_steps - 1:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            noise = _noise_like(x, generator)
             x = x + torch.sqrt(2 * diffusion_scale * t_cur * step).to(x.dtype) * noise
         if return_trajectory:
             traj.append(x)
@@ -116,7 +128,7 @@ SAMPLERS: dict[str, Callable[..., SampleResult]] = {"euler": euler, "heun": heun
 
 def sample(method: str, model_fn: ModelFn, z: torch.Tensor, *, num_steps: int, shift: float = 1.0,
            t1: float = 0.999, to_zero: bool = False, return_trajectory: bool = False,
-           generator: torch.Generator | None = None, diffusion_scale: float = 1.0) -> SampleResult:
+           generator=None, diffusion_scale: float = 1.0) -> SampleResult:
     """Integrate from noise ``z`` over :func:`time_grid` (``num_steps`` points) with ``method``: euler | heun | sde."""
     if method not in SAMPLERS:
         raise ValueError(f"unknown sampler {method!r}; choose one of {', '.join(SAMPLERS)}")

@@ -431,3 +431,22 @@ def test_sample_from_a_train_dit_run(tmp_path):
     assert load_npz(tmp_path / "s" / "samples.npz").shape == (3, 32, 32, 3)
     info = json.loads((tmp_path / "s" / "sample_info.json").read_text())
     assert max(info["labels"]) < 3 and info["shift"] == 1.0 and "step-000000002" in info["source"]
+
+
+def test_packed_latents_are_streamed_into_a_valid_safetensors_file(tmp_path):
+    """decode=false packing writes the same tensors as stacking every per-image file, without stacking them."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from rae_cli.checkpoint import save_safetensors
+    from rae_cli.sample import _pack_latents, latent_path
+
+    zs = [torch.randn(3, 2, 2, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    for i, z in enumerate(zs):
+        save_safetensors(latent_path(tmp_path, i), {"latent": z}, {"label": 10 + i})
+    out = _pack_latents(tmp_path, 5)
+    packed = load_file(out)
+    assert torch.equal(packed["latents"], torch.stack(zs))
+    assert packed["labels"].tolist() == [10, 11, 12, 13, 14] and packed["labels"].dtype == torch.int64
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["normalized"] == "true"

@@ -199,3 +199,21 @@ def test_sample_dispatch_errors():
         sample("dopri5", lambda x, t: x, torch.zeros(1, 1), num_steps=3)
     with pytest.raises(ValueError, match="grid"):
         euler(lambda x, t: x, torch.zeros(1, 1), torch.tensor([1.0]))
+
+
+def test_sde_with_one_generator_per_row_equals_batches_of_one():
+    """Batched Euler–Maruyama with a generator per row gives each row exactly its batch-of-one result."""
+    from rae_cli.samplers import euler_maruyama, time_grid
+
+    def model_fn(x, t):  # elementwise, so batching cannot change the arithmetic
+        return x * (1 - t).view(-1, 1, 1, 1) - 0.3
+
+    z = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(1))
+    grid = time_grid(6, shift=2.0)
+    gens = [torch.Generator().manual_seed(100 + i) for i in range(3)]
+    batched = euler_maruyama(model_fn, z, grid, generator=gens).samples
+    for i in range(3):
+        one = euler_maruyama(model_fn, z[i:i + 1], grid, generator=torch.Generator().manual_seed(100 + i)).samples
+        assert torch.equal(batched[i:i + 1], one)
+    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+        euler_maruyama(model_fn, z, grid, generator=gens[:2])

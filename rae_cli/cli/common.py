@@ -64,14 +64,13 @@ def handle_errors(fn: Callable) -> Callable:
 
 
 def resolve_config(cls: type, preset: Optional[str], overrides: Optional[List[str]], dry_run: bool,
-                   base: Optional[dict] = None):
-    """Resolve a config; with ``--dry-run`` print it as YAML and exit 0."""
-    from rae_cli.config import resolve, to_yaml
+                   base: Optional[dict] = None, plan=None):
+    """Resolve a config; with ``--dry-run`` print it as YAML (and ``plan(cfg)``'s memory plan) and exit 0."""
+    from rae_cli.config import resolve
 
     cfg = resolve(cls, preset=preset, overrides=list(overrides or []), base=base)
     if dry_run:
-        sys.stdout.write(to_yaml(cfg))
-        raise typer.Exit(0)
+        print_dry_run(cfg, plan)
     return cfg
 
 
@@ -82,6 +81,20 @@ def check_out(path: Optional[Path], kind: str = "dir", what: str = "--out") -> N
     from rae_cli.output import check_output_dir, check_output_file
 
     (check_output_dir if kind == "dir" else check_output_file)(path, what)
+
+
+def print_dry_run(cfg, plan=None) -> None:
+    """The resolved config as YAML, then the memory plan as YAML comments (stdout stays valid YAML); exit 0."""
+    from rae_cli.config import to_yaml
+
+    sys.stdout.write(to_yaml(cfg))
+    if plan is not None:
+        try:
+            lines = plan(cfg).lines()
+        except Exception as e:  # the plan is advice: a config it cannot read still prints
+            lines = [f"memory plan unavailable: {e}"]
+        sys.stdout.write("".join(f"# {line}\n" for line in lines))
+    raise typer.Exit(0)
 
 
 def ensure_out_dir(path: Path) -> Path:

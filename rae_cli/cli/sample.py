@@ -24,13 +24,13 @@ def _setup_logging() -> None:
 
 
 def _resolve(preset: Optional[str], overrides: Optional[List[str]], dry_run: bool):
-    from rae_cli.config import to_yaml
+    from rae_cli.cli.common import print_dry_run
+    from rae_cli.memory_plan import plan_sample_command
     from rae_cli.sample import resolve_sample_config
 
     _, cfg = resolve_sample_config(preset, list(overrides or []))
     if dry_run:
-        sys.stdout.write(to_yaml(cfg))
-        raise typer.Exit(0)
+        print_dry_run(cfg, plan_sample_command)
     return cfg
 
 

@@ -50,7 +50,9 @@ def train_dit(
         base["cache"] = str(cache)
     if data is not None:
         base["images"] = str(data)
-    cfg = resolve_config(TrainDiTConfig, preset, overrides, dry_run, base=base)
+    from rae_cli.memory_plan import plan_train_dit
+
+    cfg = resolve_config(TrainDiTConfig, preset, overrides, dry_run, base=base, plan=plan_train_dit)
     check_out(out)
     _setup_logging()
     from rae_cli.train_dit import train_dit as run
