@@ -5,6 +5,12 @@
 - ``frechet_distance``: Fréchet distance between generated and held-out real images in the feature space of the
   pretrained EfficientNet-Lite0 (offline; **not** FID), next to the same distance between the real train and test
   splits as a floor for judging it.
+- ``frechet_distance_digits_mlp``: the same distance in an **independent** feature space, the hidden layer of a small
+  MLP trained on the digits' train split only (``frechet_distance`` uses EfficientNet-Lite0, the very network the
+  quickstart RAE encodes with), with its own real-vs-real floor;
+- ``sample_diversity_ratio``: per class, the mean pairwise distance between samples over the mean pairwise distance
+  between held-out real digits of that class, in EfficientNet-Lite0 features, averaged over classes (1 = as varied as
+  real digits; guidance that trades diversity for fidelity pushes it below 1); ``…_digits_mlp`` in the judge's space;
 - reconstruction PSNR/SSIM copied from a ``rae recon`` metrics.json, when given.
 """
 
@@ -35,6 +41,31 @@ def _sample_images_and_labels(samples_dir: Path) -> tuple[np.ndarray, np.ndarray
     return images, labels
 
 
+def _folder_images_and_labels(root: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Every image of a class-folder tree (uint8 (N, H, W, 3)) with its class index."""
+    from rae_cli.data import open_rgb, scan_image_folder
+
+    data = scan_image_folder(root)
+    images = np.stack([np.asarray(open_rgb(f), dtype=np.uint8) for f in data.files])
+    return images, np.asarray(data.labels, dtype=np.int64)
+
+
+def diversity_ratio(gen: np.ndarray, gen_labels: np.ndarray, real: np.ndarray, real_labels: np.ndarray
+                    ) -> tuple[float, dict[str, float]]:
+    """Mean over classes of (mean pairwise distance of generated features) / (the same of real features).
+
+    Classes with fewer than two generated or real samples are left out; (nan, {}) if none is left.
+    """
+    from scipy.spatial.distance import pdist
+
+    per_class = {}
+    for c in np.unique(gen_labels):
+        g, r = gen[gen_labels == c], real[real_labels == c]
+        if len(g) >= 2 and len(r) >= 2:
+            per_class[str(int(c))] = float(pdist(g).mean() / pdist(r).mean())
+    return (float(np.mean(list(per_class.values()))) if per_class else float("nan")), per_class
+
+
 def class_grid(images: np.ndarray, labels: np.ndarray, num_classes: int, per_class: int) -> np.ndarray:
     """Rows = classes 0..K-1, ``per_class`` samples each (blank where fewer), 2-px white padding; uint8 HWC."""
     h, w = images.shape[1:3]
@@ -51,9 +82,9 @@ def evaluate_digits(samples_dir: str | Path, real_dir: str | Path, *, real_train
                     recon_metrics: str | Path | None = None, grid_out: str | Path | None = None,
                     per_class: int = 10, device: str = "cpu") -> dict:
     """Metrics for ``rae sample`` output on the digits; optionally writes the class-by-class grid PNG."""
-    from rae_cli.fid import compute_statistics, frechet_distance, get_extractor
+    from rae_cli.fid import extract_features, frechet_distance, get_extractor, statistics_from_features
     from rae_cli.npz import load_images_array
-    from rae_cli.toy_data import fit_digit_classifier, to_digit_features
+    from rae_cli.toy_data import fit_digit_classifier, fit_digit_mlp, mlp_hidden_features, to_digit_features
 
     samples_dir = Path(samples_dir)
     images, labels = _sample_images_and_labels(samples_dir)
@@ -63,9 +94,14 @@ def evaluate_digits(samples_dir: str | Path, real_dir: str | Path, *, real_train
     per_class_acc = {str(c): float(correct[labels == c].mean()) for c in np.unique(labels)}
 
     extractor = get_extractor("efficientnet-lite0", device=device)
-    real = load_images_array(real_dir)
-    mu_g, sig_g = compute_statistics(images, extractor)
-    mu_r, sig_r = compute_statistics(real, extractor)
+    real, real_labels = _folder_images_and_labels(Path(real_dir))
+    feat_g, feat_r = extract_features(images, extractor).pool, extract_features(real, extractor).pool
+    mu_g, sig_g = statistics_from_features(feat_g)
+    mu_r, sig_r = statistics_from_features(feat_r)
+    judge = fit_digit_mlp()
+    judge_g = mlp_hidden_features(judge, to_digit_features(images))
+    judge_r = mlp_hidden_features(judge, to_digit_features(real))
+    diversity, diversity_per_class = diversity_ratio(feat_g, labels, feat_r, real_labels)
     metrics: dict = {
         "sample_class_accuracy": float(correct.mean()),
         "sample_class_accuracy_per_class": per_class_acc,
@@ -73,10 +109,22 @@ def evaluate_digits(samples_dir: str | Path, real_dir: str | Path, *, real_train
         "frechet_distance": frechet_distance(mu_g, sig_g, mu_r, sig_r),
         "frechet_distance_features": extractor.name + " (offline; not FID)",
         "num_real": int(len(real)),
+        "frechet_distance_digits_mlp": frechet_distance(*statistics_from_features(judge_g),
+                                                        *statistics_from_features(judge_r)),
+        "frechet_distance_digits_mlp_features": "hidden layer (64) of an MLP trained on the digits train split only; "
+                                                "independent of the RAE encoder (offline; not FID)",
+        "sample_diversity_ratio": diversity,
+        "sample_diversity_ratio_per_class": diversity_per_class,
+        "sample_diversity_ratio_features": extractor.name,
+        "sample_diversity_ratio_digits_mlp": diversity_ratio(judge_g, labels, judge_r, real_labels)[0],
     }
     if real_train_dir is not None:
-        mu_t, sig_t = compute_statistics(load_images_array(real_train_dir), extractor)
+        train_images = load_images_array(real_train_dir)
+        mu_t, sig_t = statistics_from_features(extract_features(train_images, extractor).pool)
         metrics["frechet_distance_real_train_vs_test"] = frechet_distance(mu_t, sig_t, mu_r, sig_r)
+        judge_t = mlp_hidden_features(judge, to_digit_features(train_images))
+        metrics["frechet_distance_digits_mlp_real_train_vs_test"] = frechet_distance(
+            *statistics_from_features(judge_t), *statistics_from_features(judge_r))
     if recon_metrics is not None:
         rm = json.loads(Path(recon_metrics).read_text())
         metrics["reconstruction_psnr"] = rm["psnr_mean"]

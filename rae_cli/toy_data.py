@@ -97,3 +97,26 @@ def to_digit_features(images_u8: np.ndarray) -> np.ndarray:
         grey = Image.fromarray(im).convert("L").resize((8, 8), resample=Image.BOX)
         out[i] = np.asarray(grey, dtype=np.float32).reshape(-1) / 255.0
     return out
+
+
+def fit_digit_mlp(seed: int = 0):
+    """An MLP (64 → 64 ReLU → 10) on the 8×8 digits of the quickstart train split only: the quickstart's independent
+    judge. Its hidden layer is a feature space that shares nothing with the RAE's encoder network."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.neural_network import MLPClassifier
+
+    images, labels = load_digits_arrays()
+    train, _ = split_indices(labels, 0.2, seed)
+    clf = MLPClassifier(hidden_layer_sizes=(64,), max_iter=400, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf.fit(images[train].reshape(len(train), -1), labels[train])
+    return clf
+
+
+def mlp_hidden_features(clf, features: np.ndarray) -> np.ndarray:
+    """The hidden-layer activations (N, 64) of :func:`fit_digit_mlp` for (N, 64) inputs from :func:`to_digit_features`."""
+    return np.maximum(features @ clf.coefs_[0] + clf.intercepts_[0], 0.0).astype(np.float64)
+
