@@ -177,7 +177,8 @@ def test_to_moves_and_casts_the_unregistered_backbone():
         ref = d(x)
         d.to(torch.float64)
         assert d.backbone.vit.pos_embed.dtype == torch.float64 and d.backbone.x_scale.dtype == torch.float64
-        torch.testing.assert_close(d(x.double()), ref.double(), atol=1e-5, rtol=1e-5)
+        # fp64 vs an fp32 reference: fp32 round-off (it depends on the thread count) bounds the agreement.
+        torch.testing.assert_close(d(x.double()), ref.double(), atol=1e-4, rtol=1e-4)
 
 
 def test_key_depths_beyond_depth_are_dropped_and_bad_values_rejected():
