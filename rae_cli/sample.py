@@ -16,170 +16,26 @@ resume. Under torchrun rank r makes the images i ≡ r (mod world). Outputs in `
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, List, Optional
+from typing import Any
 
 import torch
 
 from rae_cli import faults
-from rae_cli.config import ConfigError, doc
-from rae_cli.errors import RaeError
-from rae_cli.schema import DiTConfig, FlowConfig, RAEConfig
+from rae_cli.config import ConfigError
+from rae_cli.sample_config import (  # noqa: F401  (re-exported: the names of this module before the split)
+    _FREE_KEYS, GUIDANCE_METHODS, IMAGES_DIR, INFO_NAME, LABEL_PLAN_STREAM, LABEL_SAMPLING, LATENTS_NAME, METHODS,
+    NPZ_NAME, RANDOM_LABEL_STREAM, SDE_NOISE_STREAM, GuidanceConfig, SampleConfig, resolve_sample_config)
+from rae_cli.sample_outputs import _needs_v2, _pack_latents, write_grid, write_npz_from_pngs  # noqa: F401
+from rae_cli.sample_resume import (  # noqa: F401
+    _SOURCES, _check_resumable, _latent_complete, latent_path, pin_sources, png_path, source_identity)
+from rae_cli.schema import FlowConfig
 
 log = logging.getLogger(__name__)
-
-METHODS = ("euler", "heun", "sde", "meanflow")
-GUIDANCE_METHODS = ("none", "cfg", "autoguidance")
-LABEL_SAMPLING = ("balanced", "random")
-IMAGES_DIR = "images"
-NPZ_NAME = "samples.npz"
-LATENTS_NAME = "latents.safetensors"
-INFO_NAME = "sample_info.json"
-# Seed streams next to the per-image noise stream generator(seed, i): documented here, nowhere else.
-LABEL_PLAN_STREAM = -1  # balanced labels: one permutation of the N slots, from generator(seed, -1, N)
-RANDOM_LABEL_STREAM = 1  # random labels: image i's label from generator(seed, i, 1)
-SDE_NOISE_STREAM = 2  # Euler–Maruyama noise of image i from generator(seed, i, 2)
-
-
-# ---------------------------------------------------------------------------------------------------- config
-
-
-@dataclass
-class GuidanceConfig:
-    """Guidance (spec §5): classifier-free guidance or AutoGuidance with a weaker guide model, inside [t_min, t_max]."""
-
-    method: str = doc("none, cfg (classifier-free, needs a model trained with label dropout) or autoguidance "
-                      "(a smaller / less-trained guide model with the same labels).", "none")
-    scale: float = doc("Guidance scale s: v = v_weak + s·(v − v_weak); 1 = no guidance (no extra network pass).", 1.0)
-    t_min: float = doc("Guide only where t_min ≤ t ≤ t_max (t = 1 is noise).", 0.0)
-    t_max: float = doc("Upper end of the guidance interval.", 1.0)
-    guide_checkpoint: Optional[str] = doc("AutoGuidance model: one of our checkpoint folders, an official "
-                                          "stage2_model.pt, or a released artifact name (e.g. ditdh-s-guide-256).",
-                                          None)
-    guide_dit: Optional[DiTConfig] = doc("Architecture of an official guide .pt (a string names a dit preset); "
-                                         "null for our checkpoint folders (their config.yaml says).", None)
-    guide_weights: str = doc("Which weights of a guide training checkpoint: ema or model.", "ema")
-
-    def validate(self) -> None:
-        if self.method not in GUIDANCE_METHODS:
-            raise ConfigError(f"guidance.method must be one of {', '.join(GUIDANCE_METHODS)}, not {self.method!r}")
-        if self.scale < 0:
-            raise ConfigError("guidance.scale must be ≥ 0")
-        if not 0.0 <= self.t_min <= self.t_max <= 1.0:
-            raise ConfigError(f"guidance needs 0 ≤ t_min ≤ t_max ≤ 1, got [{self.t_min}, {self.t_max}]")
-        if self.method == "autoguidance" and self.scale != 1.0 and not self.guide_checkpoint:
-            raise ConfigError("guidance.method=autoguidance needs guidance.guide_checkpoint (the guide model)")
-        if self.guide_weights not in ("ema", "model"):
-            raise ConfigError(f"guidance.guide_weights must be ema or model, not {self.guide_weights!r}")
-
-    @property
-    def active(self) -> bool:
-        return self.method != "none" and self.scale != 1.0
-
-
-@dataclass
-class SampleConfig:
-    """``rae sample``: stage-2 model + RAE decoder → images (PNGs, an ADM .npz, a grid)."""
-
-    preset_kind: ClassVar[str] = "sample"
-
-    checkpoint: Optional[str] = doc("The stage-2 model: one of our checkpoint folders (a step-* folder, or a "
-                                    "train-dit run folder → its latest checkpoint), an official stage2_model.pt "
-                                    "(raw, {'ema': ...} or a training checkpoint), or a released artifact name.",
-                                    None)
-    weights: str = doc("Which weights of a checkpoint that holds both: ema (paper) or model.", "ema")
-    dit: Optional[DiTConfig] = doc("Stage-2 architecture (a string names a dit preset); null = from the "
-                                   "checkpoint folder's config.yaml. Needed for official .pt files.", None)
-    rae: Optional[RAEConfig] = doc("The autoencoder whose decoder turns latents into images (a string names an rae "
-                                   "preset); null = the checkpoint folder's. rae.decoder_patch_size sets the image "
-                                   "size (2× patch: 256-latents → 512² images).", None)
-    flow: Optional[FlowConfig] = doc("Flow settings; only the time shift matters here (null shift = "
-                                     "sqrt(prod(latent_shape)/shift_base)). null = the checkpoint folder's.", None)
-    latent_shape: Optional[List[int]] = doc("Latent (C, h, w); null = the checkpoint's, else read off the weights.",
-                                            None)
-    num_classes: Optional[int] = doc("Number of classes of the model; null = the checkpoint's, else read off the "
-                                     "weights.", None)
-    guidance: GuidanceConfig = doc("Guidance.", factory=GuidanceConfig)
-    method: str = doc("Sampler: euler, heun (2 network evaluations per step), sde (Euler–Maruyama) or meanflow "
-                      "(average-velocity jumps of a MeanFlow model: train-dit objective=meanflow).", "euler")
-    num_steps: int = doc("Time-grid POINTS (official semantics): 50 → 49 steps; NFE is reported per image. "
-                         "method=meanflow: the number of jumps = network evaluations (1 = one-step).", 50)
-    to_zero: bool = doc("Integrate all the way to t = 0 instead of stopping at shift(0.001) (official).", False)
-    sde_diffusion: float = doc("Euler–Maruyama diffusion w(t) = sde_diffusion·t (method=sde).", 1.0)
-    num_images: int = doc("How many images (the paper's FID protocol: 50000).", 16)
-    labels: Optional[List[int]] = doc("Explicit class labels; image i gets labels[i mod len(labels)].", None)
-    label_sampling: str = doc("Without explicit labels: balanced (equal count per class, randomly ordered; the FID "
-                              "protocol) or random (uniform per image).", "balanced")
-    seed: int = doc("Global seed: image i's noise comes from (seed, i).", 0)
-    batch_size: int = doc("Images per forward pass, per process (does not change the images).", 16)
-    dtype: str = doc("fp32, or bf16 (autocast for the networks; the sampler state stays fp32).", "fp32")
-    tf32: bool = doc("Allow TF32 matmuls on NVIDIA GPUs (the official sampler's default; no effect on CPU).", True)
-    device: str = doc("auto, cpu or cuda (torchrun: one GPU per process).", "auto")
-    dist_timeout: Optional[float] = doc("Under torchrun: minutes a collective waits for the other processes before "
-                                        "the job fails (null = torch's default: NCCL 10, gloo 30).", None)
-    decode: bool = doc("Decode to images; false = save the sampled (normalised) latents only.", True)
-    grid_images: int = doc("How many images go into grid.png (0 = no grid).", 64)
-    npz: bool = doc("Write samples.npz (ADM evaluation format) when all images exist.", True)
-    dit_random_init: bool = doc("TEST ONLY: a randomly initialised stage-2 model (no checkpoint).", False)
-    allow_stats_mismatch: bool = doc("Decode with rae.stats even if they differ (by content hash) from the latent "
-                                     "statistics the checkpoint was trained with (by default that is an error; "
-                                     "without rae.stats a train-dit checkpoint uses its own copy).", False)
-
-    def validate(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
-        if self.method == "meanflow":
-            if self.num_steps < 1:
-                raise ConfigError("method=meanflow: num_steps counts jumps and must be ≥ 1")
-            if self.guidance.active:
-                raise ConfigError("method=meanflow: guidance is folded into MeanFlow training "
-                                  "(meanflow.guidance_scale); sample with guidance.method=none")
-        elif self.num_steps < 2:
-            raise ConfigError("num_steps counts grid points and must be ≥ 2 (one step)")
-        if self.num_images < 1 or self.batch_size < 1 or self.grid_images < 0:
-            raise ConfigError("num_images and batch_size must be ≥ 1, grid_images ≥ 0")
-        if self.label_sampling not in LABEL_SAMPLING:
-            raise ConfigError(f"label_sampling must be one of {', '.join(LABEL_SAMPLING)}, "
-                              f"not {self.label_sampling!r}")
-        if self.labels is not None and (len(self.labels) == 0 or min(self.labels) < 0):
-            raise ConfigError("labels must be a non-empty list of class indices ≥ 0")
-        if self.dtype not in ("fp32", "bf16"):
-            raise ConfigError(f"dtype must be fp32 or bf16, not {self.dtype!r}")
-        if self.weights not in ("ema", "model"):
-            raise ConfigError(f"weights must be ema or model, not {self.weights!r}")
-        if self.sde_diffusion < 0:
-            raise ConfigError("sde_diffusion must be ≥ 0")
-        if self.latent_shape is not None and len(self.latent_shape) != 3:
-            raise ConfigError(f"latent_shape must be [C, h, w], got {self.latent_shape}")
-
-
-# Keys that do not change which images come out: a resumed run may change them.
-_FREE_KEYS = {"batch_size", "device", "dist_timeout", "grid_images", "npz", "rae_version"}
-
-
-def resolve_sample_config(preset: str | None, overrides: list[str] = ()) -> tuple[dict, SampleConfig]:
-    """Resolve in two passes: the first finds the checkpoint; if it is one of our folders, the second puts that
-    folder's settings (rae, dit, flow, latent_shape, num_classes) above the preset and below the overrides.
-
-    So ``-p tiny checkpoint=RUN`` samples RUN's architecture with RUN's autoencoder, while an explicit override
-    (``rae.decoder_patch_size=16``) still wins. Returns (the checkpoint's settings, the config).
-    """
-    from rae_cli.config import resolve
-    from rae_cli.stage2_loading import checkpoint_base
-
-    overrides = list(overrides)
-    first = resolve(SampleConfig, preset=preset, overrides=overrides)
-    base = checkpoint_base(first.checkpoint) if first.checkpoint else {}
-    if not base:
-        return base, first
-    # Each section as one flow-style YAML override (JSON is YAML), placed before the user's overrides.
-    from_checkpoint = [f"{key}={json.dumps(value)}" for key, value in base.items()]
-    return base, resolve(SampleConfig, preset=preset, overrides=from_checkpoint + overrides)
 
 
 # ---------------------------------------------------------------------------------------------------- labels
@@ -290,112 +146,6 @@ class SampleSummary:
     nfe_per_image: dict = field(default_factory=dict)  # {"main": .., "guide": ..}: network evaluations per image
     npz: Path | None = None
     grid: Path | None = None
-
-
-def png_path(out_dir: Path, index: int) -> Path:
-    return Path(out_dir) / IMAGES_DIR / f"{index:06d}.png"
-
-
-def latent_path(out_dir: Path, index: int) -> Path:
-    return Path(out_dir) / "latents" / f"{index:06d}.safetensors"
-
-
-def _latent_complete(out_dir: Path, index: int) -> bool:
-    from rae_cli.checkpoint import CheckpointError, check_safetensors_file
-
-    try:
-        check_safetensors_file(latent_path(out_dir, index))
-    except CheckpointError:
-        return False
-    return True
-
-
-def _check_resumable(cfg: SampleConfig, out_dir: Path) -> None:
-    """A folder that already holds a config must have been made by the same image-defining settings."""
-    from rae_cli.config import read_yaml, to_dict
-
-    path = out_dir / "config.yaml"
-    if not path.is_file():
-        return
-    new = {k: v for k, v in json.loads(json.dumps(to_dict(cfg))).items() if k not in _FREE_KEYS}
-    old = {k: v for k, v in read_yaml(path).items() if k in new}
-    if cfg.labels is not None or cfg.label_sampling == "random":
-        old.pop("num_images", None)  # more images may be added: earlier labels do not depend on N
-        new.pop("num_images", None)
-    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    if diff:
-        raise ConfigError(f"{out_dir} already holds samples made with different settings ({', '.join(diff)}); "
-                          "use a new output folder, or delete it to start over")
-
-
-_SOURCES = {"checkpoint": lambda c: c.checkpoint, "guidance.guide_checkpoint": lambda c: c.guidance.guide_checkpoint}
-
-
-def source_identity(source: str) -> dict:
-    """What a ``checkpoint`` setting points at now: ``{"path", "sha256"}`` of the resolved checkpoint folder (a run
-    folder → its newest intact step; the hash covers its weight files) or weights file (official .pt, artifact)."""
-    import hashlib
-
-    from rae_cli.checkpoint import sha256_file
-    from rae_cli.stage2_loading import WEIGHT_FILES, _official_path, checkpoint_dir
-
-    folder = checkpoint_dir(source)
-    if folder is None:
-        path = _official_path(source)
-        return {"path": str(path.resolve()), "sha256": sha256_file(path)}
-    h = hashlib.sha256()
-    for name in sorted(WEIGHT_FILES.values()):
-        if (folder / name).is_file():
-            h.update(f"{name}:{sha256_file(folder / name)}\n".encode())
-    return {"path": str(folder.resolve()), "sha256": h.hexdigest()}
-
-
-def pin_sources(cfg: SampleConfig, out_dir: Path) -> tuple[SampleConfig, dict]:
-    """The config with each model source fixed to the file/folder the images in ``out_dir`` were made with.
-
-    A first run records what ``checkpoint=`` (and the guide) resolve to, with a content hash; a resumed run reuses
-    that record — if the run folder gained a newer checkpoint meanwhile, the earlier one is still used, so one
-    output folder never mixes two models. If the recorded checkpoint is gone or changed, it is an error.
-    Returns (config to sample with, the record to save in config.yaml).
-    """
-    import dataclasses
-
-    from rae_cli.config import read_yaml
-
-    old = {}
-    if (out_dir / "config.yaml").is_file():
-        old = read_yaml(out_dir / "config.yaml").get("resolved_sources") or {}
-    record, pinned = {}, {}
-    for key, get in _SOURCES.items():
-        source = get(cfg)
-        if not source:
-            continue
-        before = old.get(key)
-        if before is None:
-            record[key] = source_identity(source)
-            continue
-        try:
-            now = source_identity(before["path"])
-        except (RaeError, OSError):
-            now = None
-        if now is None or now["sha256"] != before["sha256"]:
-            state = "is no longer there" if now is None else "has changed since (its content hash differs)"
-            raise ConfigError(f"{out_dir} holds images made with {key}={before['path']}, which {state}; finishing "
-                              "with another model would mix two models in one folder. Use a new output folder, or "
-                              "delete this one to start over")
-        latest = source_identity(source)["path"]
-        if latest != before["path"]:
-            log.warning("%s now resolves to %s, but the images already in %s were made with %s: continuing with "
-                        "that one (use a new output folder to sample the newer checkpoint)", key, latest, out_dir,
-                        before["path"])
-        record[key] = before
-        pinned[key] = before["path"]
-    if "checkpoint" in pinned:
-        cfg = dataclasses.replace(cfg, checkpoint=pinned["checkpoint"])
-    if "guidance.guide_checkpoint" in pinned:
-        cfg = dataclasses.replace(cfg, guidance=dataclasses.replace(
-            cfg.guidance, guide_checkpoint=pinned["guidance.guide_checkpoint"]))
-    return cfg, record
 
 
 def prepare(cfg: SampleConfig, device: torch.device | str = "cpu") -> tuple[Sampling, Any, Any]:
@@ -588,86 +338,3 @@ class _Bar:
 def _progress(total: int, enabled: bool) -> _Bar:
     return _Bar(total, enabled)
 
-
-# ---------------------------------------------------------------------------------------------------- outputs
-
-
-def write_npz_from_pngs(paths: list[Path], out: Path) -> Path:
-    """Pack PNGs (in the given order) into an ADM-style ``.npz`` (``arr_0`` uint8 (N, H, W, 3)), streaming.
-
-    The array is written image by image into the zip member, so memory stays at one image (50k images at 512²
-    are 39 GB). Uncompressed, like ``np.savez``; written to a temporary name, then renamed.
-    """
-    import zipfile
-
-    import numpy as np
-
-    from rae_cli.checkpoint import atomic_path
-    from rae_cli.data import open_rgb
-    from rae_cli.errors import DataError
-    from rae_cli.npz import IMAGES_KEY
-
-    first = np.asarray(open_rgb(paths[0]), dtype=np.uint8)
-    shape = (len(paths), *first.shape)
-    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape}
-    with atomic_path(out) as tmp:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            with zf.open(f"{IMAGES_KEY}.npy", "w", force_zip64=True) as member:
-                np.lib.format.write_array_header_2_0(member, header) if _needs_v2(header) else \
-                    np.lib.format.write_array_header_1_0(member, header)
-                for p in paths:
-                    image = np.asarray(open_rgb(p), dtype=np.uint8)
-                    if image.shape != first.shape:
-                        raise DataError(f"{p} is {image.shape} but {paths[0]} is {first.shape}")
-                    member.write(np.ascontiguousarray(image).tobytes())
-    return out
-
-
-def _needs_v2(header: dict) -> bool:
-    """npy format 1.0 limits the header to 65535 bytes; only absurd shapes need 2.0."""
-    return len(repr(header)) > 65000
-
-
-def write_grid(paths: list[Path], out: Path) -> Path:
-    """A grid of the given PNGs, about square."""
-    import numpy as np
-
-    from rae_cli.data import make_grid, open_rgb, save_image
-
-    images = torch.stack([torch.from_numpy(np.array(open_rgb(p), dtype=np.uint8)).permute(2, 0, 1)
-                          for p in paths]).float() / 255.0  # (B, 3, H, W)
-    save_image(make_grid(images, nrow=max(1, math.ceil(math.sqrt(len(paths))))), out)
-    return out
-
-
-def _pack_latents(out_dir: Path, num_images: int) -> Path:
-    """All per-image latents (decode=false) in one safetensors file: ``latents`` (N, C, h, w) fp32 and ``labels``
-    (N,) int64, streamed image by image (memory stays at one latent: 50k latents at 512² are 157 GB)."""
-    import struct
-
-    from rae_cli.checkpoint import atomic_path, load_safetensors
-    from rae_cli.errors import DataError
-
-    first, _ = load_safetensors(latent_path(out_dir, 0))
-    shape = tuple(first["latent"].shape)
-    per = first["latent"].numel() * 4
-    meta = {"normalized": "true", "note": "sampled latents in the normalised space (decode with the RAE)"}
-    header = {"__metadata__": meta,
-              "latents": {"dtype": "F32", "shape": [num_images, *shape], "data_offsets": [0, per * num_images]},
-              "labels": {"dtype": "I64", "shape": [num_images],
-                         "data_offsets": [per * num_images, per * num_images + 8 * num_images]}}
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
-    labels = []
-    out = out_dir / LATENTS_NAME
-    with atomic_path(out) as tmp, open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text)
-        for i in range(num_images):
-            tensors, info = load_safetensors(latent_path(out_dir, i))
-            z = tensors["latent"].float().contiguous()
-            if tuple(z.shape) != shape:
-                raise DataError(f"{latent_path(out_dir, i)} holds a latent of shape {tuple(z.shape)}, not {shape}")
-            f.write(z.numpy().tobytes())
-            labels.append(int(info["label"]))
-        f.write(torch.tensor(labels, dtype=torch.int64).numpy().tobytes())
-    return out
