@@ -337,4 +337,3 @@ class _Bar:
 
 def _progress(total: int, enabled: bool) -> _Bar:
     return _Bar(total, enabled)
-
