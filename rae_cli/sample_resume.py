@@ -40,6 +40,10 @@ def _check_resumable(cfg: SampleConfig, out_dir: Path) -> None:
         return
     new = {k: v for k, v in json.loads(json.dumps(to_dict(cfg))).items() if k not in _FREE_KEYS}
     old = {k: v for k, v in read_yaml(path).items() if k in new}
+    for settings in (old, new):  # statistics are compared by content: a run's checkpoints each hold a copy
+        rae = settings.get("rae")
+        if isinstance(rae, dict) and rae.get("stats"):
+            rae["stats"] = _stats_identity(rae["stats"])
     if cfg.labels is not None or cfg.label_sampling == "random":
         old.pop("num_images", None)  # more images may be added: earlier labels do not depend on N
         new.pop("num_images", None)
@@ -47,6 +51,14 @@ def _check_resumable(cfg: SampleConfig, out_dir: Path) -> None:
     if diff:
         raise ConfigError(f"{out_dir} already holds samples made with different settings ({', '.join(diff)}); "
                           "use a new output folder, or delete it to start over")
+
+
+def _stats_identity(stats: str) -> str:
+    """A statistics setting as its file's sha256 when it names a file (else the setting itself)."""
+    from rae_cli.checkpoint import sha256_file
+
+    path = Path(stats)
+    return f"sha256:{sha256_file(path)}" if path.is_file() else stats
 
 
 _SOURCES = {"checkpoint": lambda c: c.checkpoint, "guidance.guide_checkpoint": lambda c: c.guidance.guide_checkpoint}

@@ -93,7 +93,7 @@ def test_corrupt_image_is_a_clear_error_and_nothing_is_written(imgs, tmp_path):
         out_dir = tmp_path / f"out-{cmd}"
         code, out = _run(cmd, bad, "--out", out_dir, "--preset", "tiny")
         assert code == 2
-        assert "broken.png" in out and "Traceback" not in out
+        assert "broken.png" in out.replace("\n", "") and "Traceback" not in out  # the console may wrap a long path
         assert not out_dir.exists() or not any(out_dir.rglob("*.*"))
 
 
