@@ -21,7 +21,6 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -49,20 +48,6 @@ def build_disc(cfg: DiscConfig, seed: int):
 
     torch.manual_seed(seed)  # head init; identical on every rank (DDP would broadcast rank 0's anyway)
     return build_dino_discriminator(cfg.weights, random_init=cfg.random_init, **cfg.arch())
-
-
-def _ddp(module: torch.nn.Module, device: torch.device, sync_buffers: bool):
-    """DDP over ``module``'s trainable parameters; ``sync_buffers=False`` skips the per-forward buffer broadcast."""
-    import inspect
-
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    kwargs: dict[str, Any] = {"device_ids": [device.index] if device.type == "cuda" else None}
-    if not sync_buffers:  # torch ≥ 2.14 renamed the flag (buffers are still synced once at construction)
-        flag = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else \
-            "broadcast_buffers"
-        kwargs[flag] = False
-    return DDP(module, **kwargs)
 
 
 def _adamw(params, lr: float, betas, weight_decay: float, eps: float, device: torch.device):
@@ -129,7 +114,8 @@ def _train(cfg: TrainDecoderConfig, out: Path, dist) -> TrainResult:
     from rae_cli.training import bad_images, guard
     from rae_cli.training.clock import CheckpointClock
     from rae_cli.training.resume import resume_point, write_run_config
-    from rae_cli.training.session import autocast, grad_scaler, maybe_compile, progress_bar, setup_precision
+    from rae_cli.training.session import (autocast, grad_scaler, maybe_compile, progress_bar, setup_precision,
+                                          wrap_ddp)
 
     run_dir.check_loggers(tensorboard=cfg.train.tensorboard, wandb=cfg.train.wandb)
     device = dist.device
@@ -173,9 +159,9 @@ def _train(cfg: TrainDecoderConfig, out: Path, dist) -> TrainResult:
     # -- DDP: the decoder (through the RAE) and the discriminator heads each get their own wrapper ---------------
     rae_model, disc_model = rae, disc
     if dist.enabled:
-        rae_model = _ddp(rae, device, sync_buffers=False)  # only the decoder has trainable params; no buffer changes
+        rae_model = wrap_ddp(rae, device, sync_buffers=False)  # only the decoder has trainable params; no buffer changes
         if gan:  # D gradients are all-reduced (official: not, §10.1 #8)
-            disc_model = _ddp(disc, device, sync_buffers=True)
+            disc_model = wrap_ddp(disc, device, sync_buffers=True)
     rae_model = maybe_compile(rae_model, cfg.train.compile)
     disc_model = maybe_compile(disc_model, cfg.train.compile) if gan else None
 

@@ -233,7 +233,6 @@ def _check_same_stats(last, mean, var) -> None:
 
 
 def _train(cfg: TrainDiTConfig, out: Path, dist) -> Path:
-    from torch.nn.parallel import DistributedDataParallel
 
     from rae_cli import distributed, faults
     from rae_cli.checkpoint import strict_load
@@ -246,7 +245,7 @@ def _train(cfg: TrainDiTConfig, out: Path, dist) -> Path:
     from rae_cli.training import bad_images, guard
     from rae_cli.training.clock import CheckpointClock
     from rae_cli.training.resume import resume_point, write_run_config
-    from rae_cli.training.session import grad_scaler, maybe_compile, progress_bar, setup_precision
+    from rae_cli.training.session import grad_scaler, maybe_compile, progress_bar, setup_precision, wrap_ddp
 
     check_loggers(tensorboard=cfg.tensorboard, wandb=cfg.wandb)
     device = dist.device
@@ -298,8 +297,7 @@ def _train(cfg: TrainDiTConfig, out: Path, dist) -> Path:
                  list(data.latent_shape), data.num_images, data.num_classes, shift, plan.steps_per_epoch, start,
                  plan.stop_step, plan.total_steps, world, cfg.grad_accum_steps, micro)
 
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                  broadcast_buffers=False) if dist.enabled else None
+    ddp = wrap_ddp(model, device, sync_buffers=False) if dist.enabled else None
     model_fn = maybe_compile(ddp if ddp is not None else model, cfg.compile)
     model.train()
 

@@ -47,6 +47,23 @@ def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
+def wrap_ddp(module: torch.nn.Module, device: torch.device, *, sync_buffers: bool):
+    """DDP over ``module``'s trainable parameters, the same way in both trainers.
+
+    ``gradient_as_bucket_view=True``: the gradients are views into the all-reduce buckets instead of a second copy
+    (one gradient's worth of memory less per rank). ``sync_buffers=False`` skips the per-forward buffer broadcast
+    (buffers are still broadcast once at construction); torch ≥ 2.14 renamed that flag."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    kwargs = {"device_ids": [device.index] if device.type == "cuda" else None, "gradient_as_bucket_view": True}
+    if not sync_buffers:
+        params = inspect.signature(DistributedDataParallel).parameters
+        kwargs["forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"] = False
+    return DistributedDataParallel(module, **kwargs)
+
+
 def maybe_compile(module, enabled: bool):
     """``torch.compile(module)`` when asked for; the caller keeps the bare module for saving and the EMA."""
     return torch.compile(module) if enabled else module
