@@ -56,6 +56,14 @@ def build_encoder(cfg: RAEConfig):
                         seed=cfg.seed, **dict(cfg.encoder_options))
 
 
+def encoder_info(cfg: RAEConfig):
+    """Width, patch size and pixel constants of the encoder of ``cfg`` without loading (or building) it."""
+    from rae_cli.encoders import encoder_info as info
+
+    return info(cfg.encoder, resolve_source(cfg.encoder_source), random_init=cfg.encoder_random_init,
+                seed=cfg.seed, **dict(cfg.encoder_options))
+
+
 def decoder_arch(cfg: RAEConfig, latent_dim: int, num_patches: int) -> dict:
     """Decoder constructor arguments from the config: a named size, custom, or an official config.json (parsed by
     :func:`rae_cli.decoder.decoder_arch_from_hf_config`, the decoder module's own reader of that format)."""
@@ -83,46 +91,71 @@ def decoder_arch(cfg: RAEConfig, latent_dim: int, num_patches: int) -> dict:
                 patch_size=cfg.decoder_patch_size, num_patches=num_patches)
 
 
-def build_rae(cfg: RAEConfig, device: str | torch.device = "cpu", decoder_weights: bool = True):
-    """The RAE of ``cfg``: encoder (frozen), decoder (weights if given), latent statistics (if given)."""
-    from rae_cli.decoder import ViTDecoder
+RAE_PARTS = frozenset({"encoder", "decoder"})
+
+
+def build_rae(cfg: RAEConfig, device: str | torch.device = "cpu", *, parts=RAE_PARTS):
+    """The RAE of ``cfg`` with the ``parts`` a command uses: the frozen encoder, the decoder (its weights if given)
+    or both (the default); always the latent statistics, if given.
+
+    Encoding needs ``{"encoder"}`` and decoding ``{"decoder"}``; the half not asked for is never built (a
+    decode-only RAE takes the encoder's width and pixel constants from its config). A decoder with weights is
+    built on the meta device and materialised by the load; without weights it gets the seeded random init.
+    """
     from rae_cli.rae import RAE
 
-    encoder = build_encoder(cfg)
-    grid = cfg.encoder_input_size // encoder.patch_size
-    if grid * encoder.patch_size != cfg.encoder_input_size:
+    parts = frozenset(parts)
+    if not parts or parts - RAE_PARTS:
+        raise ValueError(f"parts must be a non-empty subset of {sorted(RAE_PARTS)}, got {sorted(parts)}")
+    encoder = build_encoder(cfg) if "encoder" in parts else None
+    info = encoder.info() if encoder is not None else encoder_info(cfg)
+    grid = cfg.encoder_input_size // info.patch_size
+    if grid * info.patch_size != cfg.encoder_input_size:
         raise ConfigError(f"rae.encoder_input_size={cfg.encoder_input_size} is not a multiple of the encoder patch "
-                          f"size {encoder.patch_size}")
-    arch = decoder_arch(cfg, encoder.hidden_size, grid * grid)
-    with torch.random.fork_rng(devices=[]):  # a seeded decoder init that leaves the caller's RNG state alone
-        torch.manual_seed(cfg.seed)
-        decoder = ViTDecoder(**arch)
-    if decoder_weights and cfg.decoder_weights:
-        load_decoder_weights(decoder, resolve_weights_path(cfg.decoder_weights))
+                          f"size {info.patch_size}")
+    decoder = build_decoder(cfg, info.hidden_size, grid * grid) if "decoder" in parts else None
     mean = var = None
     if cfg.stats:
         from rae_cli.latent_stats import load_stats
 
         mean, var = load_stats(resolve_weights_path(cfg.stats), eps=cfg.eps)
     rae = RAE(encoder, decoder, input_size=cfg.encoder_input_size, noise_tau=cfg.noise_tau,
-              latent_mean=mean, latent_var=var, eps=cfg.eps)
+              latent_mean=mean, latent_var=var, eps=cfg.eps, encoder_info=info,
+              image_size=image_size_of(cfg, info.patch_size))
     if mean is not None and tuple(mean.shape) != tuple(rae.latent_shape):
         raise ConfigError(f"latent statistics {cfg.stats} have shape {tuple(mean.shape)} but this autoencoder "
                           f"makes latents of shape {tuple(rae.latent_shape)}; use the stats made for this preset")
     return rae.to(device)
 
 
-def load_decoder_weights(decoder: torch.nn.Module, path: Path) -> None:
+def build_decoder(cfg: RAEConfig, latent_dim: int, num_patches: int):
+    """The decoder of ``cfg``: ``rae.decoder_weights`` loaded into a meta-device build (no random init made and
+    overwritten: 415M parameters for ViT-XL), or, without weights, the random init seeded by ``rae.seed``."""
+    from rae_cli.decoder import ViTDecoder
+
+    arch = decoder_arch(cfg, latent_dim, num_patches)
+    if cfg.decoder_weights:
+        path = resolve_weights_path(cfg.decoder_weights)  # a missing file fails before anything is built
+        with torch.device("meta"):
+            decoder = ViTDecoder(**arch)
+        load_decoder_weights(decoder, path, assign=True)
+        return decoder
+    with torch.random.fork_rng(devices=[]):  # a seeded decoder init that leaves the caller's RNG state alone
+        torch.manual_seed(cfg.seed)
+        return ViTDecoder(**arch)
+
+
+def load_decoder_weights(decoder: torch.nn.Module, path: Path, *, assign: bool = False) -> None:
     """Our decoder .safetensors, an official ``model.pt`` (by :mod:`rae_cli.official`) or a diffusers
-    ``AutoencoderRAE`` folder's weights (``rae.source``), loaded strictly."""
+    ``AutoencoderRAE`` folder's weights (``rae.source``), loaded strictly (``assign``: into a meta-device build)."""
     from rae_cli.diffusers_rae import is_diffusers_file
     from rae_cli.official import load_decoder_weights as load
 
     if is_diffusers_file(path):
         from rae_cli.diffusers_rae import load_decoder_weights as load_diffusers
 
-        return load_diffusers(decoder, path)
-    load(decoder, path)
+        return load_diffusers(decoder, path, assign=assign)
+    load(decoder, path, assign=assign)
 
 
 def image_size_of(cfg: RAEConfig, patch_size_of_encoder: int) -> int:

@@ -249,8 +249,13 @@ def check_keys(expected: Mapping[str, Any], got: Mapping[str, Any], what: str) -
     )
 
 
-def strict_load(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], what: str = "checkpoint") -> None:
-    """Load ``state_dict`` into ``module`` with every key used and none missing, and matching shapes."""
+def strict_load(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], what: str = "checkpoint",
+                *, assign: bool = False) -> None:
+    """Load ``state_dict`` into ``module`` with every key used and none missing, and matching shapes.
+
+    ``assign=True`` materialises a module built on the meta device: its tensors become the loaded ones (cast to
+    the module's dtypes, as a copying load would), so no random initialisation is ever made and thrown away.
+    """
     expected = module.state_dict()
     check_keys(expected, state_dict, what)
     bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
@@ -258,7 +263,14 @@ def strict_load(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
     if bad:
         raise CheckpointError(f"{what} has tensors of the wrong shape: " + "; ".join(bad[:6])
                               + ". Check that the checkpoint and the preset/config describe the same architecture.")
-    module.load_state_dict(state_dict, strict=True)
+    if not assign:
+        module.load_state_dict(state_dict, strict=True)
+        return
+    state_dict = {k: v.to(expected[k].dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    module.load_state_dict(state_dict, strict=True, assign=True)
+    left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if left:  # a non-persistent buffer is not in any state dict: such a module cannot be built on meta
+        raise CheckpointError(f"{what}: {', '.join(left[:6])} still have no values after loading")
 
 
 def strip_prefixes(state_dict: Mapping[str, torch.Tensor], prefixes=("module.", "_orig_mod.")) -> dict:

@@ -166,15 +166,11 @@ def _encoder_inner_prefix(encoder) -> str:
 
 def build_encoder(folder: str | Path, kind: str | None = None):
     """Our frozen encoder for the diffusers RAE in ``folder``, its weights (and pixel constants) loaded strictly."""
-    from rae_cli.encoders import ENCODERS, encoder_from_config
+    from rae_cli.encoders import encoder_from_config
 
     folder = Path(folder)
     cfg = read_config(folder)
-    name, overrides = encoder_identity(cfg)
-    etype = cfg.get("encoder_type", "dinov2")
-    if kind is not None and kind not in (name, etype) and ENCODERS.get(kind, None) is not ENCODERS.get(name):
-        raise CheckpointError(f"rae.encoder={kind!r} but the diffusers RAE at {folder} holds a {etype} encoder "
-                              f"({name if not overrides else overrides}); leave rae.encoder to rae.source")
+    name, overrides, etype = _encoder_identity_checked(cfg, kind, folder)
     sd, _ = load_safetensors(folder / WEIGHTS_NAME)
     mean = sd["encoder_mean"].flatten().tolist() if "encoder_mean" in sd else None
     std = sd["encoder_std"].flatten().tolist() if "encoder_std" in sd else None
@@ -186,6 +182,38 @@ def build_encoder(folder: str | Path, kind: str | None = None):
     encoder.load_official_state_dict({prefix + k: v for k, v in inner.items()})
     encoder.name = f"{name} (diffusers {folder})" if not overrides else f"{etype}:{folder}"
     return encoder
+
+
+def encoder_info(folder: str | Path, kind: str | None = None):
+    """The :class:`~rae_cli.encoders.EncoderInfo` of ``build_encoder(folder, kind)`` without reading the encoder's
+    weights: the architecture is built on the meta device, the pixel constants read alone from the file."""
+    from safetensors import safe_open
+
+    from rae_cli.encoders import encoder_from_config
+
+    folder = Path(folder)
+    cfg = read_config(folder)
+    name, overrides, etype = _encoder_identity_checked(cfg, kind, folder)
+    with safe_open(str(folder / WEIGHTS_NAME), framework="pt", device="cpu") as f:
+        keys = set(f.keys())
+        mean, std = (f.get_tensor(k).flatten().tolist() if k in keys else None for k in ("encoder_mean", "encoder_std"))
+    with torch.device("meta"):
+        encoder = encoder_from_config(name, overrides, image_mean=mean, image_std=std)
+    info = encoder.info()
+    return type(info)(f"{name} (diffusers {folder})" if not overrides else f"{etype}:{folder}", info.hidden_size,
+                      info.patch_size, info.image_mean, info.image_std)
+
+
+def _encoder_identity_checked(cfg: Mapping[str, Any], kind: str | None, folder: Path) -> tuple[str, dict, str]:
+    """(registry name, config overrides, encoder_type) of the folder's encoder; refuses a contradicting ``kind``."""
+    from rae_cli.encoders import ENCODERS
+
+    name, overrides = encoder_identity(cfg)
+    etype = cfg.get("encoder_type", "dinov2")
+    if kind is not None and kind not in (name, etype) and ENCODERS.get(kind, None) is not ENCODERS.get(name):
+        raise CheckpointError(f"rae.encoder={kind!r} but the diffusers RAE at {folder} holds a {etype} encoder "
+                              f"({name if not overrides else overrides}); leave rae.encoder to rae.source")
+    return name, overrides, etype
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -248,10 +276,10 @@ def load_stats(path: str | Path, eps: float = 1e-5) -> tuple[torch.Tensor, torch
     return mean.float().contiguous(), (denom * denom - eps).float().contiguous()
 
 
-def load_decoder_weights(decoder, path: str | Path) -> None:
+def load_decoder_weights(decoder, path: str | Path, *, assign: bool = False) -> None:
     from rae_cli.checkpoint import strict_load
 
-    strict_load(decoder, decoder_state_dict(path), f"diffusers RAE decoder {path}")
+    strict_load(decoder, decoder_state_dict(path), f"diffusers RAE decoder {path}", assign=assign)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -267,12 +295,13 @@ def load_rae(source: str, *, eps: float = 1e-5):
     cfg = read_config(folder)
     encoder = build_encoder(folder)
     C, h, w = latent_shape_of(cfg)
-    decoder = ViTDecoder(latent_dim=C, hidden_size=int(_get(cfg, "decoder_hidden_size", 512)),
-                         depth=int(_get(cfg, "decoder_num_hidden_layers", 8)),
-                         num_heads=int(_get(cfg, "decoder_num_attention_heads", 16)),
-                         intermediate_size=int(_get(cfg, "decoder_intermediate_size", 2048)),
-                         patch_size=int(_get(cfg, "patch_size", 16)), num_patches=h * w)
-    load_decoder_weights(decoder, folder / WEIGHTS_NAME)
+    with torch.device("meta"):  # materialised by the load: no random init to throw away
+        decoder = ViTDecoder(latent_dim=C, hidden_size=int(_get(cfg, "decoder_hidden_size", 512)),
+                             depth=int(_get(cfg, "decoder_num_hidden_layers", 8)),
+                             num_heads=int(_get(cfg, "decoder_num_attention_heads", 16)),
+                             intermediate_size=int(_get(cfg, "decoder_intermediate_size", 2048)),
+                             patch_size=int(_get(cfg, "patch_size", 16)), num_patches=h * w)
+    load_decoder_weights(decoder, folder / WEIGHTS_NAME, assign=True)
     mean, var = load_stats(folder / WEIGHTS_NAME, eps)
     return RAE(encoder, decoder, input_size=int(_get(cfg, "encoder_input_size", 224)),
                noise_tau=float(_get(cfg, "noise_tau", 0.0)), latent_mean=mean, latent_var=var, eps=eps)

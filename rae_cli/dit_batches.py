@@ -169,9 +169,9 @@ def open_data(cfg: TrainDiTConfig, device: torch.device) -> Data:
         from rae_cli.data import scan_image_folder
 
         data = scan_image_folder(cfg.images)
-        rae = build_rae(dataclasses.replace(cfg.rae, stats=None), device=device, decoder_weights=False).eval()
+        rae = build_rae(dataclasses.replace(cfg.rae, stats=None), device=device, parts={"encoder"}).eval()
         rae.requires_grad_(False)
-        size = int(cfg.image_size or image_size_of(cfg.rae, rae.encoder.patch_size))
+        size = int(cfg.image_size or image_size_of(cfg.rae, rae.encoder_info.patch_size))
         stats = cfg.rae.stats if cfg.stats == "auto" else cfg.stats
         if stats is None:
             raise ConfigError("no latent statistics for on-the-fly training: set rae.stats (or stats=PATH), or "

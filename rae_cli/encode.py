@@ -63,7 +63,7 @@ def encode_images(cfg: EncodeConfig, input_path: str | Path, out_dir: str | Path
     files = list_images(input_path)
     _check_readable(files)
     device = device_of(cfg.device)
-    rae = build_rae(cfg.rae, device=device, decoder_weights=False).eval()
+    rae = build_rae(cfg.rae, device=device, parts={"encoder"}).eval()
     size = _image_size(cfg.image_size, rae)
     latents = []
     progress, total = _progress(len(files), "encode")

@@ -4,6 +4,7 @@ that return LayerNorm-standardized patch tokens, and the EfficientNet-Lite0 clas
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
@@ -28,6 +29,18 @@ def _nonaffine_layernorm(like: nn.LayerNorm | None, dim: int, eps: float) -> nn.
     return nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
 
 
+@dataclass(frozen=True)
+class EncoderInfo:
+    """What the autoencoder needs to know of its encoder besides running it: token width, patch size (pixels
+    per token side) and the pixel-normalization constants. Enough to decode latents without the encoder."""
+
+    name: str
+    hidden_size: int
+    patch_size: int
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+
+
 class FrozenEncoder(nn.Module):
     """Base class: frozen (no grads), always in eval mode, with pixel-normalization constants attached."""
 
@@ -42,6 +55,10 @@ class FrozenEncoder(nn.Module):
         super().__init__()
         self.is_random_init = False
         self.name = type(self).__name__
+
+    def info(self) -> EncoderInfo:
+        return EncoderInfo(self.name, int(self.hidden_size), int(self.patch_size), tuple(self.image_mean),
+                           tuple(self.image_std))
 
     def _freeze(self) -> None:
         self.requires_grad_(False)

@@ -8,6 +8,7 @@ belong to the RAE (``rae_cli.rae``); ``image_mean`` / ``image_std`` here say whi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from torch import nn
 # The encoder modules live in rae_cli.encoder_models; their names are re-exported here, where they always were.
 from rae_cli.encoder_models import (  # noqa: F401
     _EFFNET_BLOCKS_PER_STAGE, EFFNET_STAGES, IMAGENET_MEAN, IMAGENET_STD, SIGLIP_MEAN, SIGLIP_STD, DINOv2Encoder,
-    EfficientNetLite0Encoder, FrozenEncoder, MAEEncoder, SigLIP2Encoder, _effnet_package_to_timm,
+    EfficientNetLite0Encoder, EncoderInfo, FrozenEncoder, MAEEncoder, SigLIP2Encoder, _effnet_package_to_timm,
     _nonaffine_layernorm, efficientnet_lite0_classifier)
 from rae_cli.weights import WeightsNotFoundError, get_artifact, is_offline, local_encoder_dir, resolve  # noqa: F401
 
@@ -194,18 +195,7 @@ def load_encoder(kind: str, source: str | None = None, *, random_init: bool = Fa
 
     Raises ``WeightsNotFoundError`` (what to download and where) when the weights are not available.
     """
-    if kind in ENCODERS:
-        name, spec = kind, ENCODERS[kind]
-        family = spec.family
-    elif kind in FAMILIES:
-        name, spec, family = None, None, kind
-        if source is None and not (random_init and kind == "efficientnet-lite0"):
-            raise ValueError(f"encoder family {kind!r} needs a source (hub id or folder); "
-                             f"or use a registry name: {', '.join(ENCODERS)}")
-    else:
-        raise KeyError(f"unknown encoder {kind!r}; registry names: {', '.join(ENCODERS)}; "
-                       f"families (with a source): {', '.join(FAMILIES)}")
-
+    name, spec, family = _lookup(kind, source, random_init)
     if source is not None and not random_init:
         from rae_cli.diffusers_rae import build_encoder as diffusers_encoder, is_diffusers_folder
 
@@ -232,6 +222,68 @@ def load_encoder(kind: str, source: str | None = None, *, random_init: bool = Fa
         encoder.is_random_init = True
         log.warning("%s: %s", RANDOM_INIT_WARNING, encoder.name)
     return encoder
+
+
+def _lookup(kind: str, source: str | None, random_init: bool) -> tuple[str | None, EncoderSpec | None, str]:
+    """(registry name or None, its spec or None, family) of an encoder ``kind``."""
+    if kind in ENCODERS:
+        return kind, ENCODERS[kind], ENCODERS[kind].family
+    if kind in FAMILIES:
+        if source is None and not (random_init and kind == "efficientnet-lite0"):
+            raise ValueError(f"encoder family {kind!r} needs a source (hub id or folder); "
+                             f"or use a registry name: {', '.join(ENCODERS)}")
+        return None, None, kind
+    raise KeyError(f"unknown encoder {kind!r}; registry names: {', '.join(ENCODERS)}; "
+                   f"families (with a source): {', '.join(FAMILIES)}")
+
+
+def encoder_info(kind: str, source: str | None = None, *, random_init: bool = False,
+                 config_overrides: Mapping[str, Any] | None = None, stride: int = 8, seed: int = 0) -> EncoderInfo:
+    """Width, patch size and pixel constants of the encoder ``load_encoder`` (same arguments) would build, without
+    its weights: the architecture is built on the meta device from its config alone (a few ms, no memory).
+
+    Used when latents are only decoded (``rae sample``). Reads config files, never weights; a registry encoder
+    whose config is neither in ``$RAE_HOME`` nor in the Hugging Face cache uses the registry's architecture.
+    """
+    del seed  # same signature as load_encoder; nothing random happens on the meta device
+    name, spec, family = _lookup(kind, source, random_init)
+    with torch.device("meta"):
+        if source is not None and not random_init:
+            from rae_cli.diffusers_rae import encoder_info as diffusers_info, is_diffusers_folder
+
+            if is_diffusers_folder(source):
+                return diffusers_info(source, kind)
+        if family == "efficientnet-lite0":
+            if config_overrides:
+                raise ValueError("config_overrides is not supported for EfficientNet-Lite0")
+            encoder = EfficientNetLite0Encoder(efficientnet_lite0_classifier(None, random_init=True), stride)
+        elif random_init:
+            encoder = _random_init_hf(family, spec, source, config_overrides, 0)
+        else:
+            if config_overrides:
+                raise ValueError("config_overrides only applies to random_init=True")
+            if source is None:
+                local = local_encoder_dir(name)
+                source = str(local) if (local / "config.json").is_file() else get_artifact(name).source
+            encoder = _hf_architecture(family, source, name, spec)
+    return dataclasses.replace(encoder.info(), name=name or f"{family}:{source}")
+
+
+def _hf_architecture(family: str, source: str, name: str | None, spec: EncoderSpec | None) -> FrozenEncoder:
+    """The pretrained encoder's architecture from its config.json (local folder or HF cache; no network), else
+    the registry's; call under ``torch.device("meta")``."""
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(source, local_files_only=True)
+    except OSError:
+        if spec is None:
+            raise _not_found(source, name) from None
+        config = _config_from_dict(family, dict(spec.config))
+    if family == "siglip2" and config.model_type == "siglip":
+        config = config.vision_config
+    mean, std = _pixel_stats(source, family)
+    return _encoder_from_hf_config(family, config, 0, mean, std)
 
 
 def _pretrained_hf(family: str, source: str, name: str | None) -> FrozenEncoder:

@@ -172,8 +172,8 @@ def cache_latents(cfg: CacheLatentsConfig, images: str | Path, out_dir: str | Pa
     out = Path(out_dir)
     data = scan_image_folder(images)
     root = Path(images)
-    rae = build_rae(dataclasses.replace(cfg.rae, stats=None), device=dist.device, decoder_weights=False).eval()
-    image_size = int(cfg.image_size or image_size_of(cfg.rae, rae.encoder.patch_size))
+    rae = build_rae(dataclasses.replace(cfg.rae, stats=None), device=dist.device, parts={"encoder"}).eval()
+    image_size = int(cfg.image_size or image_size_of(cfg.rae, rae.encoder_info.patch_size))
     plan = _content_plan(cfg, data.files, data.labels, root, image_size)
     with distributed.main_first(dist):
         if dist.is_main:

@@ -133,14 +133,17 @@ def infer_decoder_arch(sd: Mapping[str, torch.Tensor], config: Any = None, *, nu
 def load_official_decoder(path: str | os.PathLike, config: Any = None, **decoder_kwargs) -> ViTDecoder:
     """Build a ViTDecoder for a released ``model.pt`` (or a stage-1 RAE checkpoint) and load it strictly."""
     sd = load_official_decoder_state_dict(path)
-    decoder = ViTDecoder(**infer_decoder_arch(sd, config, what=f"decoder weights {path}"), **decoder_kwargs)
-    strict_load(decoder, sd, f"decoder weights {path}")
+    arch = infer_decoder_arch(sd, config, what=f"decoder weights {path}")
+    with torch.device("meta"):  # materialised by the load: no random init to throw away
+        decoder = ViTDecoder(**arch, **decoder_kwargs)
+    strict_load(decoder, sd, f"decoder weights {path}", assign=True)
     return decoder
 
 
-def load_decoder_weights(decoder: ViTDecoder, path: str | os.PathLike) -> None:
-    """Strictly load an official ``model.pt`` or our decoder safetensors into an existing decoder."""
-    strict_load(decoder, load_official_decoder_state_dict(path), f"decoder weights {path}")
+def load_decoder_weights(decoder: ViTDecoder, path: str | os.PathLike, *, assign: bool = False) -> None:
+    """Strictly load an official ``model.pt`` or our decoder safetensors into an existing decoder (``assign``:
+    one built on the meta device, see :func:`rae_cli.checkpoint.strict_load`)."""
+    strict_load(decoder, load_official_decoder_state_dict(path), f"decoder weights {path}", assign=assign)
 
 
 def save_decoder(decoder: ViTDecoder, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> None:
@@ -156,8 +159,9 @@ def load_decoder(path: str | os.PathLike, **decoder_kwargs) -> ViTDecoder:
     if not isinstance(arch, Mapping) or any(k not in arch for k in ARCH_KEYS):
         raise CheckpointError(f"{path} has no decoder architecture in its metadata (keys {sorted(meta)}); "
                               "convert official model.pt files with rae_cli.official.convert_decoder first")
-    decoder = ViTDecoder(**arch, **decoder_kwargs)
-    strict_load(decoder, sd, f"decoder weights {path}")
+    with torch.device("meta"):  # materialised by the load: no random init to throw away
+        decoder = ViTDecoder(**arch, **decoder_kwargs)
+    strict_load(decoder, sd, f"decoder weights {path}", assign=True)
     return decoder
 
 

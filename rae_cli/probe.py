@@ -126,7 +126,7 @@ def image_latent(rae_cfg: RAEConfig, image: str | Path, device: torch.device) ->
     from rae_cli.data import load_image, open_rgb
 
     open_rgb(image)  # a missing or unreadable image fails before the autoencoder is built
-    rae = build_rae(rae_cfg, device=device, decoder_weights=False).eval()
+    rae = build_rae(rae_cfg, device=device, parts={"encoder"}).eval()
     x = load_image(image, rae.image_size, crop="adm")  # (3, H, W) in [0, 1]
     return rae.encode(x[None].to(device))[0].float()
 

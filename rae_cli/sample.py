@@ -172,7 +172,7 @@ def prepare(cfg: SampleConfig, device: torch.device | str = "cpu") -> tuple[Samp
 
         folder = checkpoint_dir(cfg.checkpoint) if cfg.checkpoint else None
         check_sampling_stats(folder, cfg.rae.stats, cfg.allow_stats_mismatch)
-        rae = build_rae(cfg.rae, device=device).eval()
+        rae = build_rae(cfg.rae, device=device, parts={"decoder"}).eval()  # decodes only: no encoder
         if tuple(rae.latent_shape) != tuple(stage2.latent_shape):
             raise ConfigError(f"the stage-2 model makes latents of shape {tuple(stage2.latent_shape)} but the "
                               f"autoencoder (rae: {cfg.rae.encoder}, input {cfg.rae.encoder_input_size}) decodes "

@@ -249,10 +249,10 @@ def load_guide(cfg, main: Stage2Model, device: str | torch.device = "cpu") -> St
 
 
 def _rae_latent_shape(rae_cfg) -> tuple[int, int, int]:
-    """Latent shape of an RAE config without building the decoder: encoder width × (input / patch)²."""
-    from rae_cli.build import build_encoder
+    """Latent shape of an RAE config without building either half: encoder width × (input / patch)²."""
+    from rae_cli.build import encoder_info
 
-    enc = build_encoder(rae_cfg)
+    enc = encoder_info(rae_cfg)
     side = rae_cfg.encoder_input_size // enc.patch_size
     return int(enc.hidden_size), side, side
 
