@@ -1,9 +1,13 @@
-"""train-dit's data: one item per optimizer step, from a latent cache or from images encoded on the fly.
+"""train-dit's data: one item per micro-batch, from a latent cache or from images encoded on the fly.
 
 Every random draw is derived from counters with :func:`rae_cli.distributed.generator` — the data order from
 (seed, epoch), the mirror coin / label dropout / time of every sample of the *global* batch from (seed, step) — so a
 batch is a pure function of the step: any worker can make any step, and a resumed run gets the batches it would have
 had. An unreadable image is replaced by a deterministic other one (:mod:`rae_cli.training.bad_images`).
+
+A data-loader item is one micro-batch (not a whole step's share), and cached latents keep the cache's dtype
+(bf16/fp16/fp32) until they are on the device: at 512 px one sample is 768·32·32 values, so a 64-sample bf16
+micro-batch is 100 MB where a 1024-sample fp32 step share was 3.2 GB per item (×workers×prefetch in shared memory).
 """
 
 from __future__ import annotations
@@ -55,22 +59,25 @@ def step_draws(cfg: TrainDiTConfig, step: int, shift: float) -> StepDraws:
     return StepDraws(u_mirror, u_drop, t)
 
 
-class StepBatches(torch.utils.data.Dataset):
-    """Item ``step`` = this process's share of the global batch of that step: (x, labels, positions).
+class MicroBatches(torch.utils.data.Dataset):
+    """Item ``(step, k)`` = micro-batch k of this process's share of the global batch of ``step``:
+    (x, labels, positions, skipped).
 
-    x is raw latents (B, C, h, w) from a cache, or images (B, 3, S, S) in [0, 1]; ``positions`` are the samples'
-    indices in the global batch (rank r holds [r·B, (r+1)·B)). Pure function of the step, so any worker can
-    produce any step and a resumed run gets exactly the batches it would have had.
+    x is raw latents (b, C, h, w) in the cache's dtype, or images (b, 3, S, S) in [0, 1]; ``positions`` are the
+    samples' indices in the global batch: with B = G / processes and b = B / accumulation steps, rank r's
+    micro-batch k holds [r·B + k·b, r·B + (k+1)·b). Pure function of (step, k), so any worker can produce any
+    item and a resumed run gets exactly the batches it would have had.
     """
 
     def __init__(self, cfg: TrainDiTConfig, source: CacheSource | ImageSource, num_images: int,
-                 steps_per_epoch: int, rank: int, world_size: int, shift: float):
+                 steps_per_epoch: int, rank: int, world_size: int, shift: float, accum: int = 1):
         self.cfg, self.source, self.num_images = cfg, source, num_images
         self.steps_per_epoch, self.rank, self.world_size, self.shift = steps_per_epoch, rank, world_size, shift
         self.per_rank = cfg.global_batch_size // world_size
+        self.micro = self.per_rank // accum
         self._order: tuple[int, torch.Tensor] | None = None
 
-    def __len__(self) -> int:  # steps are addressed directly; the sampler decides which ones
+    def __len__(self) -> int:  # items are addressed directly; the sampler decides which ones
         return 2**62
 
     def images_of_step(self, step: int) -> torch.Tensor:
@@ -81,14 +88,28 @@ class StepBatches(torch.utils.data.Dataset):
         g = self.cfg.global_batch_size
         return self._order[1][i * g:(i + 1) * g]
 
-    def __getitem__(self, step: int):
-        lo = self.rank * self.per_rank
-        pos = torch.arange(lo, lo + self.per_rank)
+    def __getitem__(self, index: tuple[int, int]):
+        step, k = index
+        lo = self.rank * self.per_rank + k * self.micro
+        pos = torch.arange(lo, lo + self.micro)
         images = self.images_of_step(step)[pos]
         draws = step_draws(self.cfg, step, self.shift)
         mirror = (draws.u_mirror[pos] < 0.5) if self.cfg.hflip else torch.zeros(len(pos), dtype=torch.bool)
         x, y, skipped = self.source.fetch(images, mirror)
         return x, y, pos, skipped
+
+
+class MicroBatchOrder(torch.utils.data.Sampler):
+    """The loader's items in training order: (step, 0), …, (step, accum − 1) for each step in [start, stop)."""
+
+    def __init__(self, start: int, stop: int, accum: int):
+        self.start, self.stop, self.accum = start, stop, accum
+
+    def __iter__(self):
+        return ((step, k) for step in range(self.start, self.stop) for k in range(self.accum))
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start) * self.accum
 
 
 class CacheSource:
@@ -98,7 +119,8 @@ class CacheSource:
         self.cache = cache
 
     def fetch(self, images: torch.Tensor, mirror: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list]:
-        x, y = self.cache.read(self.cache.rows(images, mirror))  # (B, C, h, w) float32, (B,)
+        # (b, C, h, w) in the cache's dtype (fp32 only on the device: half the bytes for a bf16 cache), (b,)
+        x, y = self.cache.read(self.cache.rows(images, mirror), dtype=None)
         return x, y, []
 
 
@@ -128,7 +150,7 @@ class ImageSource:
         return x, torch.tensor(labels, dtype=torch.int64), skipped
 
 
-def collate_step(item):
+def collate_micro(item):
     return item
 
 
@@ -208,27 +230,54 @@ def noise_for(cfg: TrainDiTConfig, step: int, positions: torch.Tensor, latent_sh
                                     device=device) for j in positions])
 
 
-def micro_batches(cfg: TrainDiTConfig, step: int, shift: float, x: torch.Tensor, y: torch.Tensor,
-                  pos: torch.Tensor, data: Data, mean, var, micro: int, device: torch.device) -> list:
-    """This process's share of step ``step`` as micro-batches [(z, y, t, noise, drop_ids or None, r or None)] on
-    ``device`` (r: MeanFlow's start time, None for flow matching)."""
-    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-    if data.encoder is not None:
-        with torch.no_grad():  # the frozen encoder runs in fp32, outside DDP and autocast (official)
-            x = torch.cat([data.encoder.encode(c) for c in x.split(micro)])  # (B, C, h, w)
-    z = normalize_latents(x.float(), mean, var, cfg.rae.eps)
+@dataclass(frozen=True)
+class StepInputs:
+    """The per-sample draws of one global batch (G,) that the model sees: flow times, CFG label dropout, and
+    MeanFlow's start times (None for flow matching), all drawn from (seed, step)."""
+
+    t: torch.Tensor
+    drop: Optional[torch.Tensor]  # 1 → the null label; None when class dropout is off
+    r: Optional[torch.Tensor]
+
+
+def step_inputs(cfg: TrainDiTConfig, step: int, shift: float) -> StepInputs:
     draws = step_draws(cfg, step, shift)
-    t = draws.t[pos].to(device)
-    r = None
+    t, r = draws.t, None
     if cfg.objective == "meanflow":  # MeanFlow draws its own (r, t) pair, from (seed, step) too
         from rae_cli.meanflow import draw_times
 
-        r, t = (a[pos].to(device) for a in draw_times(cfg.meanflow, cfg.flow, cfg.seed, step,
-                                                      cfg.global_batch_size, shift))
+        r, t = draw_times(cfg.meanflow, cfg.flow, cfg.seed, step, cfg.global_batch_size, shift)
     p = cfg.dit.class_dropout_prob
-    drop = (draws.u_drop[pos] < p).long().to(device) if p > 0 else None  # 1 → the null label (CFG dropout)
-    noise = noise_for(cfg, step, pos, data.latent_shape, device)
-    return [(z[i:i + micro], y[i:i + micro], t[i:i + micro], noise[i:i + micro],
-             None if drop is None else drop[i:i + micro], None if r is None else r[i:i + micro])
-            for i in range(0, len(pos), micro)]
+    return StepInputs(t, (draws.u_drop < p).long() if p > 0 else None, r)
 
+
+def micro_batch(cfg: TrainDiTConfig, step: int, inputs: StepInputs, x: torch.Tensor, y: torch.Tensor,
+                pos: torch.Tensor, data: Data, mean, var, device: torch.device) -> tuple:
+    """One loader item of step ``step`` as the model's input on ``device``: (z, y, t, noise, drop_ids or None,
+    r or None) (r: MeanFlow's start time). Latents become fp32 here, after the copy to the device."""
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    if data.encoder is not None:
+        with torch.no_grad():  # the frozen encoder runs in fp32, outside DDP and autocast (official)
+            x = data.encoder.encode(x)  # (b, C, h, w)
+    z = normalize_latents(x.float(), mean, var, cfg.rae.eps)
+    noise = noise_for(cfg, step, pos, data.latent_shape, device)
+    return (z, y, inputs.t[pos].to(device), noise, None if inputs.drop is None else inputs.drop[pos].to(device),
+            None if inputs.r is None else inputs.r[pos].to(device))
+
+
+class StepMicroBatches:
+    """The ``count`` micro-batches of one step, taken from the loader's ``items`` and moved to the device one at a
+    time as they are iterated (so the device, like the loader, holds one micro-batch of inputs at a time)."""
+
+    def __init__(self, items, count: int, make, on_skipped=None):
+        self.items, self.count, self.make, self.on_skipped = items, count, make, on_skipped
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self):
+        for _ in range(self.count):
+            x, y, pos, skipped = next(self.items)
+            if self.on_skipped is not None:
+                self.on_skipped(skipped)
+            yield self.make(x, y, pos)

@@ -3,6 +3,7 @@ memory-mapped reading of shard files (the layout is described in :mod:`rae_cli.l
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -81,14 +82,19 @@ def read_shard_arrays(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def _as_float(arr: np.ndarray) -> torch.Tensor:
-    """Latent rows from a memory map → a float32 tensor (copied); uint16 data are bf16 bit patterns."""
+def _as_tensor(arr: np.ndarray) -> torch.Tensor:
+    """Latent rows from a memory map → a tensor of the stored dtype (copied); uint16 data are bf16 bit patterns."""
     arr = np.asarray(arr)
     if not arr.flags.writeable:
         arr = arr.copy()  # a view into the read-only map (fancy indexing already returned a copy)
     if arr.dtype == np.uint16:
-        return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16).float()
-    return torch.from_numpy(arr).float()
+        return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(arr)
+
+
+def _as_float(arr: np.ndarray) -> torch.Tensor:
+    """Latent rows from a memory map → a float32 tensor (copied)."""
+    return _as_tensor(arr).float()
 
 
 class LatentCache:
@@ -196,19 +202,27 @@ class LatentCache:
             rows = rows + mirror.long()
         return rows
 
-    def read(self, rows: torch.Tensor | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(latents (B, C, h, w) float32, labels (B,) int64) for the given rows, in that order."""
+    @functools.cached_property
+    def dtype(self) -> torch.dtype:
+        """The dtype the latents are stored in (that of the first shard; a cache is written in one dtype)."""
+        header, _ = _read_header(self._files[0])
+        return _ST_DTYPES[header["latents"]["dtype"]][1]
+
+    def read(self, rows: torch.Tensor | Sequence[int], dtype: torch.dtype | None = torch.float32
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latents (B, C, h, w), labels (B,) int64) for the given rows, in that order; latents in ``dtype``, or
+        in the cache's own dtype for ``dtype=None`` (e.g. bf16: half the bytes to carry to the device)."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
             raise IndexError(f"cache rows out of range [0, {len(self)})")
         shard = np.searchsorted(self._starts, rows, side="right") - 1  # (B,)
-        lat = torch.empty((rows.size, *self.latent_shape), dtype=torch.float32)
+        lat = torch.empty((rows.size, *self.latent_shape), dtype=dtype or self.dtype)
         lab = torch.empty(rows.size, dtype=torch.int64)
         for s in np.unique(shard):
             maps = self._shard(int(s))
             where = np.nonzero(shard == s)[0]
             local = rows[where] - self._starts[s]
             order = np.argsort(local, kind="stable")  # sorted reads are kinder to the page cache
-            lat[torch.from_numpy(where[order])] = _as_float(maps["latents"][local[order]])
+            lat[torch.from_numpy(where[order])] = _as_tensor(maps["latents"][local[order]]).to(lat.dtype)
             lab[torch.from_numpy(where)] = torch.from_numpy(np.asarray(maps["labels"][local], dtype=np.int64))
         return lat, lab

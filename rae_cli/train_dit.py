@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ import torch
 
 from rae_cli.config import ConfigError
 from rae_cli.dit_batches import (SEED_INIT, SEED_NOISE, SEED_ORDER, SEED_STEP, CacheSource, Data,  # noqa: F401
-                                 ImageSource, StepBatches, StepDraws, epoch_order, noise_for, normalize_latents,
+                                 ImageSource, MicroBatches, StepDraws, epoch_order, noise_for, normalize_latents,
                                  step_draws)
 from rae_cli.errors import DataError
 from rae_cli.train_dit_config import OptimConfig, ScheduleConfig, TrainDiTConfig  # noqa: F401 (public names here)
@@ -71,7 +72,8 @@ def make_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devic
 def train_step(*, model_fn, raw_model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema, micro_batches,
                lr: float, clip_grad: float | None, precision: str, no_sync=None, dist=None,
                step: int | None = None, scaler=None, objective=None) -> tuple[float, float]:
-    """One optimizer step over this process's ``micro_batches`` [(z, y, t, noise, drop_ids or None[, r])].
+    """One optimizer step over this process's ``micro_batches`` [(z, y, t, noise, drop_ids or None[, r])]: a
+    list, or any sized iterable (train-dit passes one that moves each micro-batch to the device as it comes).
 
     ``objective``: None = flow matching; else a :class:`rae_cli.meanflow.MeanFlowLoss`, called with the micro-batch
     and its r, returning (loss to back-propagate, loss to log), both per sample.
@@ -89,7 +91,7 @@ def train_step(*, model_fn, raw_model: torch.nn.Module, optimizer: torch.optim.O
     from rae_cli.training.guard import check_step
     from rae_cli.training.session import autocast, grad_scaler
 
-    device = micro_batches[0][0].device
+    device = next(raw_model.parameters()).device
     scaler = scaler if scaler is not None else grad_scaler(device, precision)
     accum = len(micro_batches)
     loss_sum = torch.zeros((), device=device)
@@ -237,7 +239,8 @@ def _train(cfg: TrainDiTConfig, out: Path, dist) -> Path:
     from rae_cli import distributed, faults
     from rae_cli.checkpoint import strict_load
     from rae_cli.config import to_dict
-    from rae_cli.dit_batches import collate_step, micro_batches, open_data, resolve_stats_path
+    from rae_cli.dit_batches import (MicroBatchOrder, StepMicroBatches, collate_micro, micro_batch, open_data,
+                                     resolve_stats_path, step_inputs)
     from rae_cli.ema import EMA
     from rae_cli.meanflow import training_objective
     from rae_cli.run_dir import MetricsLogger, check_loggers, checkpoint_name, latest_checkpoint
@@ -301,10 +304,14 @@ def _train(cfg: TrainDiTConfig, out: Path, dist) -> Path:
     model_fn = maybe_compile(ddp if ddp is not None else model, cfg.compile)
     model.train()
 
-    batches = StepBatches(cfg, data.source, data.num_images, plan.steps_per_epoch, dist.rank, world, shift)
-    loader = torch.utils.data.DataLoader(batches, sampler=range(start, plan.stop_step), batch_size=None,
-                                         num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-                                         collate_fn=collate_step)
+    # One loader item per micro-batch, latents in the cache's dtype: the workers' shared memory and the pinned
+    # copies hold micro-batches, not whole step shares in fp32.
+    accum = cfg.grad_accum_steps
+    batches = MicroBatches(cfg, data.source, data.num_images, plan.steps_per_epoch, dist.rank, world, shift, accum)
+    loader = torch.utils.data.DataLoader(batches, sampler=MicroBatchOrder(start, plan.stop_step, accum),
+                                         batch_size=None, num_workers=cfg.num_workers,
+                                         pin_memory=device.type == "cuda", collate_fn=collate_micro)
+    items = iter(loader)
     metrics = MetricsLogger(out, start_step=start, enabled=dist.is_main, tensorboard=cfg.tensorboard,
                             wandb=cfg.wandb, wandb_project=cfg.wandb_project, config=to_dict(cfg))
     skipped = bad_images.SkippedLog(out, dist.is_main)
@@ -323,9 +330,10 @@ def _train(cfg: TrainDiTConfig, out: Path, dist) -> Path:
     try:
         with progress_bar("train-dit", dist.is_main) as progress:
             task = progress.add_task("train-dit", total=plan.stop_step, completed=start, info="")
-            for step, (x, y, pos, bad) in zip(range(start, plan.stop_step), loader):
-                pending_bad.extend(bad)
-                batch = micro_batches(cfg, step, shift, x, y, pos, data, mean, var, micro, device)
+            for step in range(start, plan.stop_step):
+                inputs = step_inputs(cfg, step, shift)  # the step's draws, made once for its micro-batches
+                batch = StepMicroBatches(items, accum, functools.partial(
+                    micro_batch, cfg, step, inputs, data=data, mean=mean, var=var, device=device), pending_bad.extend)
                 lr = plan.lr(cfg, step)
                 try:
                     loss, gnorm = train_step(model_fn=model_fn, raw_model=model, optimizer=optimizer, ema=ema,
