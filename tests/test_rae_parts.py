@@ -90,7 +90,7 @@ def test_encode_and_cache_latents_build_no_decoder_and_write_the_same_latents(im
         build_both(m)
         invoke("encode", images, "--out", tmp_path / "enc-both", "-p", "tiny")
         invoke("cache-latents", images, "--out", tmp_path / "cache-both", "-p", "tiny", "shard_size=2")
-    new, old = load_file(tmp_path / "enc" / "latents.safetensors"), load_file(tmp_path / "enc-both" / "latents.safetensors")
+    new, old = (load_file(tmp_path / d / "latents.safetensors") for d in ("enc", "enc-both"))
     assert new["latents"].shape == (4, 32, 4, 4)
     torch.testing.assert_close(new["latents"], old["latents"], rtol=0, atol=0)
     shards = sorted((tmp_path / "cache").glob("shard-*.safetensors"))
@@ -117,7 +117,8 @@ def test_sample_builds_no_encoder_and_makes_the_same_images(decoder_file, tmp_pa
     pngs = sorted(p.relative_to(tmp_path / "new") for p in (tmp_path / "new").rglob("*.png") if p.stem != "grid")
     assert len(pngs) == 2
     for p in pngs:
-        assert np.array_equal(np.asarray(Image.open(tmp_path / "new" / p)), np.asarray(Image.open(tmp_path / "old" / p)))
+        new, old = (np.asarray(Image.open(tmp_path / d / p)) for d in ("new", "old"))
+        assert np.array_equal(new, old)
 
 
 def test_one_half_refuses_the_other_halfs_job():
