@@ -68,3 +68,15 @@ def test_evaluate_digits_on_real_digits_as_samples(tmp_path):
         pytest.approx(1.0)
     assert abs(m["frechet_distance_digits_mlp"]) < 1e-3 < m["frechet_distance_digits_mlp_real_train_vs_test"]
     assert "independent" in m["frechet_distance_digits_mlp_features"]
+
+
+def test_same_size_floor_grows_as_the_sample_shrinks():
+    from rae_cli.digits_eval import same_size_floor
+    from rae_cli.fid import frechet_distance, statistics_from_features
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(400, 16)), rng.normal(size=(300, 16))  # one distribution: the distance is all bias
+    full = frechet_distance(*statistics_from_features(a), *statistics_from_features(b))
+    assert same_size_floor(a, b, len(a)) == pytest.approx(full)  # every row drawn: the plain distance
+    small, large = same_size_floor(a, b, 20), same_size_floor(a, b, 200)
+    assert small > 2 * large > 0
