@@ -8,7 +8,7 @@ Layout of a cache folder::
     plan.json                  what fixes the content (settings, file-list hash): a re-run must match it to resume
     files.txt                  ``index<TAB>label<TAB>path`` of every source image (``source`` below points here)
     shard-00000.safetensors    one per ``shard_size`` source images, written atomically
-    shard-stats/shard-00000.safetensors   that shard's float64 Σz and Σz² (summed while encoding, written after it)
+    partial-stats/shard-00000.safetensors   that shard's float64 Σz, Σz² (summed while encoding; written after it)
     stats.safetensors          exact per-element mean/var (float64 sums) of the raw latents: an RAE stats file
 
 A shard is complete iff its file exists. It holds ``latents`` (N, C, h, w) in the cache dtype, ``labels`` (N,) int64,
@@ -19,8 +19,9 @@ with. Shards are standard safetensors files; for reading, the tensor bytes are m
 (offsets from the safetensors header), so a random batch is a fancy index into the page cache (bf16 is mapped as
 uint16 and re-viewed); a reader opens a shard only when it first reads one of its rows. Work is split over torchrun
 processes by shard (the shards left to do, dealt out in turn); the statistics are the sum of the per-shard partials
-(:mod:`rae_cli.latent_cache_writer`), never a second pass over the shards. On many nodes the cache folder is one path every node mounts
-(a parallel filesystem); readers can copy shards to node-local scratch (:class:`LatentCache` ``local_dir``).
+(:mod:`rae_cli.latent_cache_writer`), never a second pass over the shards. On many nodes the cache folder is one
+path every node mounts (a parallel filesystem); readers can copy shards to node-local scratch (:class:`LatentCache`
+``local_dir``).
 """
 
 # The two sides live in their own modules; their names are re-exported here, where they always were.

@@ -1,7 +1,7 @@
 """Shard output of ``rae cache-latents``: a background writer thread, and the per-shard statistics partials that let
 the cache's exact statistics be summed without reading the shards back (layout: :mod:`rae_cli.latent_cache`).
 
-Next to ``shard-SSSSS.safetensors`` the writer puts ``shard-stats/shard-SSSSS.safetensors``: the float64 Σz and
+Next to ``shard-SSSSS.safetensors`` the writer puts ``partial-stats/shard-SSSSS.safetensors``: the float64 Σz and
 Σz² of that shard's stored latents (its ``entries`` rows, the shard file's size in the metadata). The statistics
 of the cache are the sum of these partials, so a resumed run adds the partials of the shards it finds finished
 instead of reading them again. A shard without a valid partial (a cache from an older version, a run killed
@@ -25,8 +25,8 @@ from rae_cli.latent_stats import LatentStats
 
 log = logging.getLogger("rae_cli.latent_cache")
 
-SHARD_STATS_DIR = "shard-stats"
-SHARD_STATS_FORMAT = "rae-latent-cache-shard-stats-v1"
+SHARD_STATS_DIR = "partial-stats"
+SHARD_STATS_FORMAT = "rae-latent-cache-partial-stats-v1"
 READ_CHUNK = 256  # rows per float64 step when a shard is read back
 
 
@@ -44,8 +44,8 @@ def save_shard_stats(out: Path, s: int, acc: LatentStats) -> None:
 
 
 def load_shard_stats(out: Path, s: int, latent_shape: Sequence[int]) -> LatentStats | None:
-    """The stored partial of shard ``s`` if it is there and belongs to the shard on disk (same row count, shape and
-    file size); else None."""
+    """The stored partial of shard ``s`` if it is there and belongs to the shard on disk (same shard, row count,
+    shape and file size); else None."""
     from rae_cli.checkpoint import CheckpointError, load_safetensors
 
     path = shard_stats_path(out, s)
@@ -55,7 +55,7 @@ def load_shard_stats(out: Path, s: int, latent_shape: Sequence[int]) -> LatentSt
         tensors, meta = load_safetensors(path)
         header, _ = _read_header(Path(out) / shard_name(s))
         rows = int(header["latents"]["shape"][0])
-        ok = (meta.get("format") == SHARD_STATS_FORMAT and meta.get("entries") == rows
+        ok = (meta.get("format") == SHARD_STATS_FORMAT and meta.get("shard") == s and meta.get("entries") == rows
               and meta.get("shard_bytes") == (Path(out) / shard_name(s)).stat().st_size
               and all(tuple(tensors[k].shape) == tuple(latent_shape) and tensors[k].dtype == torch.float64
                       for k in ("sum", "sum_sq")))
