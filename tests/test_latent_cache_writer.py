@@ -93,7 +93,7 @@ def test_statistics_summed_while_encoding_equal_a_second_pass(bf16_cache):
     want_mean, want_var = two_pass.finalize()
     torch.testing.assert_close(mean, want_mean, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(var, want_var, rtol=1e-6, atol=1e-7)
-    stored, meta = load_file(str(bf16_cache / "stats.safetensors")), None
+    stored = load_file(str(bf16_cache / "stats.safetensors"))
     assert sorted(stored) == ["mean", "var"] and stored["mean"].dtype == torch.float32  # format unchanged
 
 
