@@ -6,10 +6,11 @@ strictly; ``build_dit_model`` turns a :class:`DiTConfig` and a latent shape into
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -163,8 +164,15 @@ def image_size_of(cfg: RAEConfig, patch_size_of_encoder: int) -> int:
     return cfg.decoder_patch_size * (cfg.encoder_input_size // patch_size_of_encoder)
 
 
-def build_dit_model(cfg: DiTConfig, latent_shape: Sequence[int], num_classes: int) -> torch.nn.Module:
-    """A registry DiT/DiT-DH for latents of shape (C, h, w); refuses width < C unless ``allow_narrow`` (Theorem 1)."""
+def build_dit_model(cfg: DiTConfig, latent_shape: Sequence[int], num_classes: int, *,
+                    state_dict: Mapping[str, torch.Tensor] | None = None, what: str = "DiT weights"
+                    ) -> torch.nn.Module:
+    """A registry DiT/DiT-DH for latents of shape (C, h, w); refuses width < C unless ``allow_narrow`` (Theorem 1).
+
+    With ``state_dict`` the model is built on the meta device and materialised by a strict load of those weights
+    (no random init of a 675M-parameter DiT-XL made and thrown away); without, it gets the random init (global RNG).
+    """
+    from rae_cli.checkpoint import strict_load
     from rae_cli.dit import build_dit
 
     c, h, w = (int(d) for d in latent_shape)
@@ -172,13 +180,17 @@ def build_dit_model(cfg: DiTConfig, latent_shape: Sequence[int], num_classes: in
         raise ConfigError(f"latents must be square, got {h}×{w}")
     overrides = {k: getattr(cfg, k) for k in ("hidden_size", "depth", "num_heads") if getattr(cfg, k) is not None}
     try:
-        model = build_dit(cfg.name, input_size=h, in_channels=c, num_classes=num_classes, patch_size=cfg.patch_size,
-                          mlp_ratio=cfg.mlp_ratio, class_dropout_prob=cfg.class_dropout_prob,
-                          learn_pos_embed=cfg.learn_pos_embed, final_norm=cfg.final_norm,
-                          allow_narrow=cfg.allow_narrow, second_time=cfg.second_time, **overrides)
+        with torch.device("meta") if state_dict is not None else contextlib.nullcontext():
+            model = build_dit(cfg.name, input_size=h, in_channels=c, num_classes=num_classes,
+                              patch_size=cfg.patch_size, mlp_ratio=cfg.mlp_ratio,
+                              class_dropout_prob=cfg.class_dropout_prob, learn_pos_embed=cfg.learn_pos_embed,
+                              final_norm=cfg.final_norm, allow_narrow=cfg.allow_narrow, second_time=cfg.second_time,
+                              **overrides)
     except ValueError as e:  # unknown name, width rule (Theorem 1), inconsistent sizes
         raise ConfigError(f"dit: {e}") from e
     model.grad_checkpointing = cfg.grad_checkpointing
+    if state_dict is not None:
+        strict_load(model, state_dict, what=what, assign=True)
     return model
 
 

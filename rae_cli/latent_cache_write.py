@@ -15,11 +15,11 @@ from typing import ClassVar, Optional, Sequence
 
 import torch
 
-from rae_cli import faults
 from rae_cli.config import ConfigError, doc
 from rae_cli.errors import DataError
 from rae_cli.latent_cache_read import (CACHE_FORMAT, CACHE_VERSION, FILES_FILE, INDEX_FILE, PLAN_FILE, STATS_FILE,
-                                       _as_float, _read_header, _shard_intact, read_shard_arrays, shard_name)
+                                       _read_header, _shard_intact, shard_name)
+from rae_cli.latent_cache_writer import ShardWriter, shard_stats, write_shard
 from rae_cli.schema import RAEConfig
 
 log = logging.getLogger("rae_cli.latent_cache")  # the name these messages always had
@@ -116,15 +116,60 @@ def _collate(items):
     return items
 
 
-def _encode_shard(rae, files, labels, indices, cfg: CacheLatentsConfig, image_size: int, device: torch.device,
-                  progress=None, task=None) -> tuple[dict, list[dict]]:
-    """Encode the images ``indices`` → shard tensors (image-major, mirror after original) and the bad files."""
-    loader = torch.utils.data.DataLoader(_ImageFiles(files, indices, image_size), batch_size=cfg.batch_size,
-                                         shuffle=False, num_workers=cfg.num_workers, collate_fn=_collate)
-    lat, src, bad = [], [], []
+def _shard_batches(shards: Sequence[int], cfg: CacheLatentsConfig, n: int
+                   ) -> tuple[list[int], list[list[int]], list[int]]:
+    """The images of ``shards`` in order, the batches (positions in that list) and the shard of each batch.
+
+    A batch never crosses a shard: batches are the ``batch_size`` chunks of each shard from its first image, as a
+    loader per shard made them (an encoder's output can depend on the batch in its last bits)."""
+    indices, batches, owner = [], [], []
+    for s in shards:
+        idx = _shard_indices(s, cfg, n)
+        start = len(indices)
+        indices.extend(idx)
+        for lo in range(0, len(idx), cfg.batch_size):
+            batches.append(list(range(start + lo, start + min(len(idx), lo + cfg.batch_size))))
+            owner.append(s)
+    return indices, batches, owner
+
+
+def _encode_shards(rae, files, labels, shards: Sequence[int], cfg: CacheLatentsConfig, image_size: int,
+                   device: torch.device, progress=None, task=None):
+    """Encode the images of ``shards`` with one DataLoader (its workers decode across shard boundaries) and yield,
+    per shard: (s, shard tensors (image-major, mirror after original), shard metadata, statistics partial).
+
+    The partial is the float64 Σz, Σz² of the latents as stored (after rounding to the cache dtype), summed on
+    ``device`` while encoding: the cache's statistics never need a second pass over the shards."""
+    from rae_cli.latent_stats import LatentStats
+
+    if not shards:
+        return
+    indices, batches, owner = _shard_batches(shards, cfg, len(files))
+    loader = torch.utils.data.DataLoader(_ImageFiles(files, indices, image_size), batch_sampler=batches,
+                                         num_workers=cfg.num_workers, collate_fn=_collate)
     copies = 2 if cfg.flip else 1
+    dtype = DTYPES[cfg.dtype]
+    shape = tuple(rae.latent_shape)
+    stats_device = device if device.type in ("cpu", "cuda") else torch.device("cpu")  # float64 support
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-    for items in loader:
+
+    def finish(s, lat, src, bad, acc):
+        latents = torch.cat(lat) if lat else torch.zeros(0, *shape, dtype=dtype)
+        tensors = {
+            "latents": latents,
+            "labels": torch.tensor([labels[i] for i in src], dtype=torch.int64).repeat_interleave(copies),
+            "flip": torch.arange(copies, dtype=torch.uint8).repeat(len(src)),
+            "source": torch.tensor(src, dtype=torch.int64).repeat_interleave(copies),
+        }
+        meta = {"shard": s, "images": len(src), "bad": bad}
+        return s, tensors, meta, LatentStats(shape).merge(acc)
+
+    cur = None
+    for s, items in zip(owner, loader):
+        if s != cur:
+            if cur is not None:
+                yield finish(cur, lat, src, bad, acc)
+            cur, lat, src, bad, acc = s, [], [], [], LatentStats(shape, device=stats_device)
         good = [(idx, x) for idx, x, err in items if x is not None]
         for idx, _, err in items:
             if err is not None:
@@ -139,31 +184,27 @@ def _encode_shard(rae, files, labels, indices, cfg: CacheLatentsConfig, image_si
             if cfg.flip:
                 b = len(good)
                 z = torch.stack([z[:b], z[b:]], dim=1).flatten(0, 1)  # interleave: image k → rows 2k, 2k+1
-            lat.append(z.to(DTYPES[cfg.dtype]).cpu())
+            z = z.to(dtype)
+            acc.update(z)  # the stored values, in float64
+            lat.append(z.cpu())
             src.extend(idx for idx, _ in good)
         if progress is not None:
             progress.advance(task, len(items))
-    c, h, w = rae.latent_shape
-    latents = torch.cat(lat) if lat else torch.zeros(0, c, h, w, dtype=DTYPES[cfg.dtype])
-    source = torch.tensor(src, dtype=torch.int64).repeat_interleave(copies)
-    tensors = {
-        "latents": latents,
-        "labels": torch.tensor([labels[i] for i in src], dtype=torch.int64).repeat_interleave(copies),
-        "flip": torch.arange(copies, dtype=torch.uint8).repeat(len(src)),
-        "source": source,
-    }
-    return tensors, bad
+    if cur is not None:
+        yield finish(cur, lat, src, bad, acc)
 
 
 def cache_latents(cfg: CacheLatentsConfig, images: str | Path, out_dir: str | Path) -> Path:
     """Encode every image under ``images`` into a latent cache at ``out_dir`` and compute its exact statistics.
 
-    Re-running the same command resumes: finished shards are kept. Under torchrun each process encodes the shards
-    s ≡ rank (mod world). Returns ``out_dir``.
+    Each process reads its images with one DataLoader, hands every finished shard to a background writer thread
+    (at most one more waits, so memory stays bounded) and sums the statistics while encoding; at the end one
+    all-reduce of small float64 tensors makes the exact statistics, with no second pass over the shards.
+    Re-running the same command resumes: finished shards (and their statistics partials) are kept. Under torchrun
+    the missing shards are dealt out to the processes in turn. Returns ``out_dir``.
     """
     from rae_cli import distributed
     from rae_cli.build import build_rae, image_size_of
-    from rae_cli.checkpoint import save_safetensors
     from rae_cli.config import save_resolved
     from rae_cli.data import scan_image_folder
 
@@ -191,24 +232,21 @@ def cache_latents(cfg: CacheLatentsConfig, images: str | Path, out_dir: str | Pa
             log.info("latent cache %s is already complete (%d shards); nothing to do", out, num_shards)
         return out
     distributed.barrier(dist)  # every rank has listed the missing shards before any writes a new one
-    todo = [s for s in missing if s % dist.world_size == dist.rank]
+    # The missing shards dealt out in turn: a resumed run's work is even over the ranks whichever ranks left it.
+    todo = missing[dist.rank::dist.world_size]
     if dist.is_main:
         done = num_shards - len(missing)
         log.info("latent cache %s: %d images in %d shards (%d already done), latents %s %s%s", out,
                  len(data.files), num_shards, done, tuple(rae.latent_shape), cfg.dtype, " + mirrors" if cfg.flip
                  else "")
     progress = _progress(dist.is_main)
-    with progress:
+    with progress, ShardWriter(out) as writer:
         task = progress.add_task("cache-latents", total=sum(len(_shard_indices(s, cfg, len(data.files)))
                                                            for s in todo))
-        for s in todo:
-            idx = _shard_indices(s, cfg, len(data.files))
-            tensors, bad = _encode_shard(rae, data.files, data.labels, idx, cfg, image_size, dist.device,
-                                         progress, task)
-            save_safetensors(out / shard_name(s), tensors,
-                             metadata={"shard": s, "images": len(idx) - len(bad), "bad": bad})
-            faults.point("cache-shard", s)
-    distributed.barrier(dist)
+        for s, tensors, meta, acc in _encode_shards(rae, data.files, data.labels, todo, cfg, image_size,
+                                                    dist.device, progress, task):
+            writer.submit(s, tensors, meta, acc)  # written in the background while the next shard is encoded
+    distributed.barrier(dist)  # every shard and its statistics partial is on disk
     latent_shape = tuple(rae.latent_shape)
     del rae
     _finish(out, num_shards, latent_shape, dist, dict(
@@ -229,18 +267,18 @@ def _progress(enabled: bool):
 
 
 def _exact_stats(out: Path, num_shards: int, latent_shape: Sequence[int], dist):
-    """Per-element mean and population variance over every cached latent (mirrors included), with float64 sums.
+    """Per-element float64 count, Σz, Σz² over every cached latent (mirrors included), all-reduced.
 
-    Each process sums its own shards (s ≡ rank mod world); the float64 sums are all-reduced. The result is
-    deterministic for a given number of processes and agrees across process counts up to float64 rounding.
+    Each process adds the per-shard partials (:mod:`rae_cli.latent_cache_writer`, made while encoding) of the
+    shards s ≡ rank (mod world), in shard order, then one all-reduce sums the small float64 tensors. The result
+    does not depend on which run or process encoded a shard; it agrees across process counts up to float64
+    rounding. A shard without a partial is read once.
     """
     from rae_cli.latent_stats import LatentStats, all_reduce_
 
     acc = LatentStats(tuple(latent_shape))
     for s in range(dist.rank, num_shards, dist.world_size):
-        lat = read_shard_arrays(out / shard_name(s))["latents"]
-        for i in range(0, lat.shape[0], 256):
-            acc.update(_as_float(lat[i:i + 256]))
+        acc.merge(shard_stats(out, s, latent_shape))
     return all_reduce_(acc)
 
 
@@ -292,8 +330,8 @@ def write_cache(out: str | Path, latents: torch.Tensor, labels: Sequence[int], *
                 shard_size: int = 1024, image_size: int | None = None) -> Path:
     """A cache from latents already in memory (B, C, h, w) (and optionally their mirrors' latents): tests,
     conversions of ``rae encode`` output. Same layout and statistics as :func:`cache_latents`."""
-    from rae_cli.checkpoint import save_safetensors
     from rae_cli.distributed import Dist
+    from rae_cli.latent_stats import LatentStats
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -304,12 +342,15 @@ def write_cache(out: str | Path, latents: torch.Tensor, labels: Sequence[int], *
     for s in range(num_shards):
         lo, hi = s * shard_size, min(n, (s + 1) * shard_size)
         z = latents[lo:hi] if mirrors is None else torch.stack([latents[lo:hi], mirrors[lo:hi]], 1).flatten(0, 1)
-        save_safetensors(out / shard_name(s), {
-            "latents": z.to(DTYPES[dtype]),
+        z = z.to(DTYPES[dtype])
+        acc = LatentStats(tuple(latents.shape[1:]))
+        acc.update(z)
+        write_shard(out, s, {
+            "latents": z,
             "labels": labels[lo:hi].repeat_interleave(copies),
             "flip": torch.arange(copies, dtype=torch.uint8).repeat(hi - lo),
             "source": torch.arange(lo, hi).repeat_interleave(copies),
-        }, metadata={"shard": s, "images": hi - lo, "bad": []})
+        }, {"shard": s, "images": hi - lo, "bad": []}, acc)
     _finish(out, num_shards, tuple(latents.shape[1:]), Dist(), dict(
         dtype=dtype, flip=mirrors is not None, image_size=image_size, classes=list(classes), num_files=n,
         rae=dataclasses.asdict(rae)))

@@ -185,7 +185,6 @@ def build_stage2(source: str | None, dit: Any, *, latent_shape=None, num_classes
     builds the architecture with random weights and needs both.
     """
     from rae_cli.build import build_dit_model
-    from rae_cli.checkpoint import strict_load
 
     state_dict, desc = None, "random init (TEST ONLY)"
     folder = checkpoint_dir(source) if source else None
@@ -217,11 +216,11 @@ def build_stage2(source: str | None, dit: Any, *, latent_shape=None, num_classes
     if latent_shape is None or num_classes is None:
         raise ConfigError(f"the {what} needs latent_shape=[C,h,w] and num_classes=...")
     latent_shape = tuple(int(d) for d in latent_shape)
-    torch.manual_seed(seed)
-    model = build_dit_model(dit, latent_shape, int(num_classes))
-    if state_dict is not None:
-        strict_load(model, state_dict, what=f"{what} {desc}")
+    if state_dict is not None:  # built on the meta device, materialised by the load: no random init thrown away
+        model = build_dit_model(dit, latent_shape, int(num_classes), state_dict=state_dict, what=f"{what} {desc}")
     else:
+        torch.manual_seed(seed)
+        model = build_dit_model(dit, latent_shape, int(num_classes))
         log.warning("!!! %s: RANDOM weights (dit_random_init, TEST ONLY): the images mean nothing !!!", what)
     model = model.to(device).eval().requires_grad_(False)
     log.info("%s: %s (%s, latents %s, %d classes)", what, desc, dit.name, latent_shape, num_classes)

@@ -408,7 +408,6 @@ def load_trained_dit(path: str | Path, weights: str = "ema", device: str | torch
     when it has one), ``dit``, ``flow.shift``, ``num_classes`` and ``latent_shape``.
     """
     from rae_cli.build import build_dit_model
-    from rae_cli.checkpoint import strict_load
     from rae_cli.config import load_resolved
     from rae_cli.run_dir import CONFIG_FILE, resolve_checkpoint
     from rae_cli.stage2_bundle import own_stats
@@ -416,6 +415,7 @@ def load_trained_dit(path: str | Path, weights: str = "ema", device: str | torch
     ck = resolve_checkpoint(path)
     cfg = load_resolved(TrainDiTConfig, ck.path / CONFIG_FILE)
     cfg = dataclasses.replace(cfg, rae=dataclasses.replace(cfg.rae, stats=own_stats(ck.path, cfg.rae.stats)))
-    model = build_dit_model(cfg.dit, cfg.latent_shape, cfg.num_classes)
-    strict_load(model, ck.weights(weights), f"{weights} weights {ck.path}")
+    # Built on the meta device and materialised by the load (a MeanFlow teacher, a sampler's model).
+    model = build_dit_model(cfg.dit, cfg.latent_shape, cfg.num_classes, state_dict=ck.weights(weights),
+                            what=f"{weights} weights {ck.path}")
     return model.to(device).eval(), cfg

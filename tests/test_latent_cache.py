@@ -81,23 +81,31 @@ def test_stats_are_the_exact_float64_moments_of_the_cached_latents(cache):
     torch.testing.assert_close(var.double(), z.var(0, unbiased=False), atol=1e-6, rtol=1e-6)
 
 
-def test_rerun_resumes_after_an_interrupted_run(images, cache, tmp_path):
+def test_rerun_resumes_after_an_interrupted_run(images, cache, tmp_path, monkeypatch):
     part = tmp_path / "part"
     shutil.copytree(cache, part)
     (part / "shard-00003.safetensors").unlink()  # as if killed while encoding the last shard
     (part / "index.json").unlink()
     (part / "stats.safetensors").unlink()
     untouched = (part / "shard-00000.safetensors").stat().st_mtime_ns
+    # The finished shards' statistics come from their partials: a resume never reads a shard back.
+    import rae_cli.latent_cache_writer as writer
+
+    def no_second_pass(*args):
+        raise AssertionError("a finished shard was read back for the statistics")
+
+    monkeypatch.setattr(writer, "shard_stats_from_file", no_second_pass)
     res = cli("cache-latents", str(images), "--out", str(part), "-p", "tiny", "shard_size=2")
     assert res.exit_code == 0, res.output
+    monkeypatch.undo()
     assert (part / "shard-00000.safetensors").stat().st_mtime_ns == untouched  # finished shards are kept
     a, b = shard_tensors(cache), shard_tensors(part)
     assert a.keys() == b.keys()
     for name in a:
         for k in a[name]:
             assert torch.equal(a[name][k], b[name][k]), (name, k)
-    assert torch.equal(load_file(str(cache / "stats.safetensors"))["var"],
-                       load_file(str(part / "stats.safetensors"))["var"])
+    sa, sb = load_file(str(cache / "stats.safetensors")), load_file(str(part / "stats.safetensors"))
+    assert torch.equal(sa["mean"], sb["mean"]) and torch.equal(sa["var"], sb["var"])
     assert json.loads((part / "index.json").read_text()) == json.loads((cache / "index.json").read_text())
     # Other settings in the same folder are refused rather than mixed in.
     res = cli("cache-latents", str(images), "--out", str(part), "-p", "tiny", "shard_size=2", "dtype=bf16")
@@ -138,6 +146,14 @@ def test_two_processes_build_the_same_cache(images, cache, tmp_path):
         torch.testing.assert_close(sa[k], sb[k], atol=1e-6, rtol=1e-6)
     ia, ib = (json.loads((p / "index.json").read_text()) for p in (cache, out))
     assert ia["num_bad"] == ib["num_bad"] == 1 and ia["shards"] == ib["shards"]
+    # Each shard's statistics partial (summed by whichever process encoded it) is that of the 1-process cache.
+    from rae_cli.latent_cache_writer import load_shard_stats
+
+    for s in range(4):
+        pa, pb = (load_shard_stats(c, s, (32, 4, 4)) for c in (cache, out))
+        assert pb is not None and pa.n == pb.n
+        torch.testing.assert_close(pa.sum, pb.sum, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(pa.sum_sq, pb.sum_sq, rtol=1e-12, atol=1e-12)
 
 
 def test_train_dit_from_the_cache_and_on_the_fly(images, cache, tmp_path):

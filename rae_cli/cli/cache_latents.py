@@ -29,12 +29,15 @@ def cache_latents(
     images: Path = typer.Argument(..., help="Image folder: class sub-folders = labels; a flat folder = "
                                             "unconditional."),
     out: Path = typer.Option(..., "--out", "-o", help="Cache folder (index.json, shard-*.safetensors, "
-                                                      "stats.safetensors). Re-run to resume."),
+                                                      "partial-stats/, stats.safetensors). Re-run to resume."),
     preset: Optional[str] = preset_option("dinov2-b_in256", "cache-latents"),
     dry_run: bool = dry_run_option(),
     overrides: Optional[List[str]] = overrides_argument(),
 ) -> None:
     """Encode an image folder once into a sharded latent cache (ADM crop, optional mirrors) + exact latent stats.
+
+    Shards are written in the background while the next is encoded; the stats are summed while encoding (no
+    second pass over the cache). Under torchrun the shards left to do are dealt out to the processes.
 
     Examples: rae cache-latents data/train --out cache/in256 ;
     torchrun --nproc_per_node 8 -m rae_cli cache-latents data/train --out cache/in256 dtype=fp16
