@@ -23,6 +23,7 @@ forward and backward passes. What stays the same as DDP, on purpose:
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Iterable, Mapping
 
 import torch
@@ -49,6 +50,9 @@ def wrap_fsdp(module: nn.Module, blocks: Iterable[nn.Module], device: torch.devi
 
     from rae_cli.training.session import PRECISIONS
 
+    # The ViT decoder returns a slice (a view) of its logits; the trainers use every output out of place, so
+    # FSDP's warning about in-place ops on views is noise here.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     mesh = init_device_mesh(device.type, (world_size,))
     dtype = PRECISIONS[precision]
     # The root's own inputs (latents, times) are not cast: times in bf16 would blur the timestep embedding.
