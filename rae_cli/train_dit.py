@@ -246,7 +246,7 @@ def _train(cfg: TrainDiTConfig, out: Path, dist) -> Path:
     from rae_cli.training import bad_images, guard
     from rae_cli.training.clock import CheckpointClock
     from rae_cli.training.fsdp import (full_model_state, full_optimizer_state, full_state, gradient_sync_off,
-                                       load_optimizer_state, shard_like, wrap_fsdp)
+                                       load_optimizer_state, local_part, shard_like, wrap_fsdp)
     from rae_cli.training.resume import resume_point, write_run_config
     from rae_cli.training.session import grad_scaler, maybe_compile, progress_bar, setup_precision, wrap_ddp
 
@@ -352,8 +352,8 @@ def _train(cfg: TrainDiTConfig, out: Path, dist) -> Path:
                 done = step + 1
                 faults.point("train-step", done)
                 if faults.nonfinite("weights", done):  # test-only: a blow-up that reaches the weights silently
-                    with torch.no_grad():
-                        next(model.parameters()).fill_(float("nan"))
+                    with torch.no_grad():  # FSDP: into this rank's slice (the first non-empty one)
+                        next(t for t in map(local_part, model.parameters()) if t.numel()).fill_(float("nan"))
                 window_loss += loss
                 window_steps += 1
                 progress.update(task, completed=done, info=f"loss {loss:.4f} lr {lr:.2e}")

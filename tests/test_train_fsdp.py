@@ -180,3 +180,20 @@ def test_parallel_setting_is_checked_resumable_and_plain_on_one_process(tmp_path
     for name in ("model.safetensors", "ema.safetensors"):
         a, b = (load_file(str(tmp_path / p / "checkpoints/step-000000001" / name)) for p in ("ddp", "fsdp"))
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_guard_agrees_across_fsdp_ranks(tmp_path, monkeypatch):
+    # Only rank 1's slice of the weights goes non-finite at step 3: rank 0 gathers the whole state, finds it, and
+    # the all-reduced verdict stops both ranks before that save.
+    cache = synthetic_cache(tmp_path / "cache")
+    monkeypatch.setenv("RAE_FAULT_INJECT", "nan:weights@3")
+    monkeypatch.setenv("RAE_FAULT_INJECT_RANK", "1")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "rae_cli",
+           "train-dit", "-p", "tiny", "--cache", str(cache), "--out", str(tmp_path / "run"), "max_steps=4",
+           "ckpt_every_steps=100", "ckpt_every_minutes=1e-6", "keep_last=5", "parallel=fsdp"]
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0
+    assert "step 3: the weights about to be saved are not finite" in res.stdout + res.stderr
+    assert sorted(p.name for p in (tmp_path / "run/checkpoints").glob("step-*")) == ["step-000000001",
+                                                                                    "step-000000002"]

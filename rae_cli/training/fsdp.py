@@ -89,6 +89,11 @@ def plain(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of a DTensor (the tensor itself otherwise)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def shard_like(copy: nn.Module, model: nn.Module) -> None:
     """Give ``copy`` (an unsharded twin of ``model``, e.g. the EMA) the DTensor layout of sharded ``model``.
 
