@@ -186,14 +186,16 @@ def plan_training(what: str, model: nn.Module, mode, make_inputs: Callable[[], t
         if setup.grad_accum_steps > 1:
             # set_requires_gradient_sync(False) keeps each unit's gradient whole (fp32) until the last micro-batch
             accumulating = _nbytes(trainable)
-            comps["FSDP unsharded gradients (accumulation)"] = accumulating
+            comps["FSDP whole grads (accumulating)"] = accumulating
             notes.append("FSDP with grad_accum_steps > 1: the micro-batches before the last keep whole fp32 "
                          "gradients (no reduce-scatter until the last); grad_accum_steps=1 avoids them")
     static = weights + buffers + optim + ema + frozen
     if setup.parallel == "ddp" and setup.world_size > 1:
         notes.append("DDP with gradient_as_bucket_view: gradients live in the all-reduce buckets (no extra copy)")
     if setup.precision in ("bf16", "fp16"):
-        notes.append(f"{setup.precision} autocast: the saved activations include the low-precision weight copies")
+        notes.append(f"{setup.precision} autocast: the saved activations include the low-precision weight copies"
+                     + (" (FSDP gathers the weights in that dtype instead: up to their size less)"
+                        if gathered else ""))
     # The backward frees saved activations while it writes gradients, layer by layer from the top: the sum of the
     # two moves from ``act`` to ``grads``. Accumulated whole FSDP gradients exist before the last backward starts.
     held = act + accumulating if accumulating else max(act, grads)

@@ -76,7 +76,8 @@ def _lr(step: int, plan: Plan, cfg: DecoderTrainConfig, base: float, final: floa
 
 @dataclass
 class TrainResult:
-    """What ``train_decoder`` leaves behind (the modules are this process's copies)."""
+    """What ``train_decoder`` leaves behind (the modules are this process's copies; under ``train.parallel=fsdp``
+    the decoder and its EMA hold this process's DTensor shards — read the checkpoint for whole weights)."""
 
     out_dir: Path
     step: int

@@ -74,7 +74,7 @@ def test_checkpointing_and_fsdp_lower_the_plan():
     accum = plan_training("t", model, mode, inputs(32), TrainSetup(parallel="fsdp", world_size=4, fused_adamw=False,
                                                                     grad_accum_steps=2))
     whole = 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert accum.components["FSDP unsharded gradients (accumulation)"] == whole
+    assert accum.components["FSDP whole grads (accumulating)"] == whole
     assert accum.phases["backward"] == (fsdp.phases["backward"] - max(fsdp.components["saved activations"],
                                                                       fsdp.components["gradients (fp32)"])
                                         + fsdp.components["saved activations"] + whole)
