@@ -67,10 +67,10 @@ class StepContext:
                        scaler) -> dict[str, float]:
         """L1 + LPIPS (+ adaptive-weighted GAN) on the noisy-latent reconstructions; one optimizer step."""
         from rae_cli.gan_losses import adaptive_weight, vanilla_g_loss
+        from rae_cli.training.fsdp import plain
 
         cfg, sched = self.cfg.loss, self.schedule
         use_lpips, use_gan = sched.use_lpips(step), cfg.gan_enabled and sched.use_gan(step)
-        last_layer = self.rae.decoder.decoder_pred.weight
         # The bare discriminator, frozen and in eval mode: gradients reach the fakes only, so the G step neither
         # fills D's .grad nor triggers D's all-reduce (official: it runs through the DDP wrapper, spec §10.1 #8).
         if self.disc is not None:
@@ -89,6 +89,9 @@ class StepContext:
                         fake = self.diffaug(recon * 2 - 1, self._gen(step, _AUG_G, m))  # not clamped (official)
                         gan = vanilla_g_loss(self.disc(fake))
                 if use_gan:
+                    # Read after the forward: under FSDP that is the gathered weight the forward used (before it,
+                    # the module holds its shard, which is not in the graph).
+                    last_layer = self.rae.decoder.decoder_pred.weight
                     d_weight = adaptive_weight(rec_loss, gan, last_layer, cfg.max_d_weight)  # outside autocast
                     total = rec_loss + cfg.disc_weight * d_weight * gan
                 else:
@@ -98,8 +101,8 @@ class StepContext:
                         **({"gan_g": gan, "d_weight": d_weight} if use_gan else {}))
         if self.cfg.train.clip_grad > 0:
             scaler.unscale_(opt)
-            out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.rae.decoder.parameters(),
-                                                                    self.cfg.train.clip_grad))
+            norm = torch.nn.utils.clip_grad_norm_(self.rae.decoder.parameters(), self.cfg.train.clip_grad)
+            out["grad_norm"] = float(plain(norm))  # FSDP: a DTensor, the global norm
         self._check_finite(opt, scaler, step + 1, out["loss"], out.get("grad_norm", 0.0))
         scaler.step(opt)
         scaler.update()

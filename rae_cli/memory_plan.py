@@ -69,11 +69,13 @@ def saved_activation_bytes(model: nn.Module, mode, make_inputs: Callable[[], tup
                            grad_checkpointing: bool = False, forward: Callable | None = None) -> tuple[int, int]:
     """(bytes autograd keeps after the forward, largest one-block recompute) for one training forward.
 
-    Distinct storages are counted once (a tensor saved by several ops, or views of one tensor). Under activation
+    Distinct storages are counted once (a tensor saved by several ops, or views of one tensor); the parameters
+    themselves (saved by matmuls for the input gradient) are not activations and are counted as weights. Under activation
     checkpointing the kept tensors are the block inputs; the backward recomputes one block at a time, which adds
     the largest block's saved tensors (measured per block with checkpointing off).
     """
     blocks = _blocks(model)
+    weights = {p.untyped_storage()._cdata for p in model.parameters()}
 
     def run(ckpt: bool) -> tuple[int, list[int]]:
         saved: dict[int, tuple[torch.Tensor, int]] = {}
@@ -82,7 +84,7 @@ def saved_activation_bytes(model: nn.Module, mode, make_inputs: Callable[[], tup
 
         def pack(t: torch.Tensor):
             st = t.untyped_storage()
-            if id(st) not in saved:  # the storage is held, so its id is not reused
+            if st._cdata not in weights and id(st) not in saved:  # the storage is held, so its id is not reused
                 saved[id(st)] = (st, st.nbytes())
                 if current[0] >= 0:
                     per_block[current[0]] += st.nbytes()
@@ -115,14 +117,24 @@ def saved_activation_bytes(model: nn.Module, mode, make_inputs: Callable[[], tup
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
-    blocks = getattr(model, "blocks", None)
-    if blocks is None:
-        blocks = getattr(getattr(model, "decoder", None), "blocks", None) or []
-    return list(blocks)
+    """The transformer blocks: the FSDP units of ``parallel=fsdp`` (DiT ``blocks``, ViT decoder ``decoder_layers``)."""
+    for owner in (model, getattr(model, "decoder", None)):
+        for name in ("blocks", "decoder_layers"):
+            blocks = getattr(owner, name, None)
+            if blocks is not None:
+                return list(blocks)
+    return []
 
 
-def _block_count(model: nn.Module) -> int:
-    return len(_blocks(model))
+def fsdp_gathered_bytes(model: nn.Module, precision: str = "fp32") -> tuple[int, int]:
+    """(root unit, largest block) as FSDP gathers them, in the gathered dtype (bf16/fp16 under mixed precision).
+
+    The root unit (embedders, final layer, norms) stays gathered from the forward to the end of the backward;
+    blocks are gathered one at a time (plus the next one, prefetched) and resharded after use."""
+    scale = 2 if precision in ("bf16", "fp16") else 4
+    numel = lambda ps: sum(p.numel() for p in ps)  # noqa: E731
+    blocks = [numel(b.parameters()) for b in _blocks(model)]
+    return (numel(model.parameters()) - sum(blocks)) * scale, max(blocks, default=0) * scale
 
 
 @dataclass(frozen=True)
@@ -135,6 +147,7 @@ class TrainSetup:
     parallel: str = "ddp"  # ddp | fsdp
     world_size: int = 1
     fused_adamw: bool = True
+    grad_accum_steps: int = 1
 
 
 def plan_training(what: str, model: nn.Module, mode, make_inputs: Callable[[], tuple], setup: TrainSetup, *,
@@ -161,20 +174,32 @@ def plan_training(what: str, model: nn.Module, mode, make_inputs: Callable[[], t
              "EMA": ema, "frozen modules": frozen, "saved activations": act}
     if recompute:
         comps["one block recomputed"] = recompute
-    gathered = 0
-    if setup.parallel == "fsdp" and setup.world_size > 1:
-        blocks = _block_count(model)
-        gathered = 2 * (_nbytes(params) // max(1, blocks))  # the block in use and the one prefetched
-        comps["FSDP gathered blocks"] = gathered
-    static = weights + buffers + optim + ema + frozen
+    gathered = accumulating = 0
     notes = []
+    if setup.parallel == "fsdp" and setup.world_size > 1:
+        root, block = fsdp_gathered_bytes(model, setup.precision)
+        gathered = root + 2 * block  # the root unit, the block in use and the one prefetched
+        comps["FSDP gathered (root + 2 blocks)"] = gathered
+        notes.append(f"FSDP over {setup.world_size} processes: weights, gradients, AdamW moments and EMA are "
+                     f"1/{setup.world_size} each; the root unit ({root / GiB:.2f} GiB) stays gathered during the "
+                     f"step, blocks ({block / GiB:.2f} GiB the largest) one at a time plus one prefetched")
+        if setup.grad_accum_steps > 1:
+            # set_requires_gradient_sync(False) keeps each unit's gradient whole (fp32) until the last micro-batch
+            accumulating = _nbytes(trainable)
+            comps["FSDP whole grads (accumulating)"] = accumulating
+            notes.append("FSDP with grad_accum_steps > 1: the micro-batches before the last keep whole fp32 "
+                         "gradients (no reduce-scatter until the last); grad_accum_steps=1 avoids them")
+    static = weights + buffers + optim + ema + frozen
     if setup.parallel == "ddp" and setup.world_size > 1:
         notes.append("DDP with gradient_as_bucket_view: gradients live in the all-reduce buckets (no extra copy)")
     if setup.precision in ("bf16", "fp16"):
-        notes.append(f"{setup.precision} autocast: the saved activations include the low-precision weight copies")
+        notes.append(f"{setup.precision} autocast: the saved activations include the low-precision weight copies"
+                     + (" (FSDP gathers the weights in that dtype instead: up to their size less)"
+                        if gathered else ""))
     # The backward frees saved activations while it writes gradients, layer by layer from the top: the sum of the
-    # two moves from ``act`` to ``grads``.
-    phases = {"backward": static + max(act, grads) + recompute + gathered,
+    # two moves from ``act`` to ``grads``. Accumulated whole FSDP gradients exist before the last backward starts.
+    held = act + accumulating if accumulating else max(act, grads)
+    phases = {"backward": static + held + recompute + gathered,
               "optimizer step": static + grads + (0 if setup.fused_adamw else _nbytes(trainable) // shard)}
     return MemoryPlan(what, comps, phases, notes)
 
@@ -315,8 +340,10 @@ def plan_train_dit(cfg, world_size: int | None = None) -> MemoryPlan:
     micro = max(1, per_rank // cfg.grad_accum_steps)
     model, mode = build_fake(lambda: build_dit_model(cfg.dit, shape, num_classes))
     setup = TrainSetup(precision=cfg.precision, grad_checkpointing=bool(getattr(cfg.dit, "grad_checkpointing", False)),
-                       parallel=getattr(cfg, "parallel", "ddp"), world_size=world, fused_adamw=cfg.optim.fused)
-    what = (f"train-dit {cfg.dit.name} on {list(shape)} latents, {world} process(es), micro-batch {micro} "
+                       parallel=getattr(cfg, "parallel", "ddp"), world_size=world, fused_adamw=cfg.optim.fused,
+                       grad_accum_steps=cfg.grad_accum_steps)
+    what = (f"train-dit {cfg.dit.name} on {list(shape)} latents, {world} process(es) "
+            f"({setup.parallel if world > 1 else 'one process'}), micro-batch {micro} "
             f"({cfg.grad_accum_steps} per step), {cfg.precision}")
     plan = plan_training(what, model, mode, _dit_inputs(micro, shape), setup)
     if cfg.images:

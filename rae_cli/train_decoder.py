@@ -16,6 +16,7 @@ evaluation and export :mod:`rae_cli.decoder_export`, the settings :mod:`rae_cli.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
@@ -75,7 +76,8 @@ def _lr(step: int, plan: Plan, cfg: DecoderTrainConfig, base: float, final: floa
 
 @dataclass
 class TrainResult:
-    """What ``train_decoder`` leaves behind (the modules are this process's copies)."""
+    """What ``train_decoder`` leaves behind (the modules are this process's copies; under ``train.parallel=fsdp``
+    the decoder and its EMA hold this process's DTensor shards — read the checkpoint for whole weights)."""
 
     out_dir: Path
     step: int
@@ -113,6 +115,8 @@ def _train(cfg: TrainDecoderConfig, out: Path, dist) -> TrainResult:
     from rae_cli.perceptual import build_lpips
     from rae_cli.training import bad_images, guard
     from rae_cli.training.clock import CheckpointClock
+    from rae_cli.training.fsdp import (full_model_state, full_optimizer_state, full_state, load_optimizer_state,
+                                       shard_like, wrap_fsdp)
     from rae_cli.training.resume import resume_point, write_run_config
     from rae_cli.training.session import (autocast, grad_scaler, maybe_compile, progress_bar, setup_precision,
                                           wrap_ddp)
@@ -142,26 +146,40 @@ def _train(cfg: TrainDecoderConfig, out: Path, dist) -> TrainResult:
                     "this run does not train a usable decoder", cfg.rae.encoder_random_init, cfg.disc.random_init,
                     cfg.loss.lpips_random_init)
     ema = EMA(decoder, cfg.train.ema_decay)
-    opt_g = _adamw([p for p in decoder.parameters() if p.requires_grad], cfg.train.lr, cfg.train.betas,
-                   cfg.train.weight_decay, cfg.train.adam_eps, device)
     opt_d = _adamw(list(disc.parameters()), cfg.disc.lr, cfg.disc.betas, cfg.disc.weight_decay,
                    cfg.train.adam_eps, device) if gan else None
     scaler_g = grad_scaler(device, cfg.train.precision)  # one per optimizer (official: shared, §10.1 #9)
     scaler_d = grad_scaler(device, cfg.train.precision)
 
-    start = 0
-    if last is not None:
-        start = _load_checkpoint(last, plan, decoder=decoder, ema=ema, disc=disc, opt_g=opt_g, opt_d=opt_d,
-                                 scaler_g=scaler_g, scaler_d=scaler_d)
+    start, state = 0, None
+    if last is not None:  # full weights, loaded before FSDP shards the decoder
+        start, state = _load_checkpoint(last, plan, decoder=decoder, ema=ema, disc=disc, opt_d=opt_d,
+                                        scaler_g=scaler_g, scaler_d=scaler_d)
         if dist.is_main:
             log.info("resuming from %s (step %d of %d)", last.path, start, plan.total_steps)
+    # FSDP shards the decoder only (each layer, then the rest; the EMA the same way): the encoder is frozen and
+    # replicated, the discriminator heads are small and stay DDP. Rank 0 evaluates a whole copy of the EMA.
+    fsdp = dist.enabled and cfg.train.parallel == "fsdp"
+    eval_decoder = copy.deepcopy(ema.module) if fsdp and held_files and dist.is_main else ema.module
+    if fsdp:
+        wrap_fsdp(decoder, decoder.decoder_layers, device, dist.world_size, cfg.train.precision)
+        shard_like(ema.module, decoder)
+    elif cfg.train.parallel == "fsdp":
+        log.info("train.parallel=fsdp on one process: nothing to shard, training the whole decoder as usual")
+    opt_g = _adamw([p for p in decoder.parameters() if p.requires_grad], cfg.train.lr, cfg.train.betas,
+                   cfg.train.weight_decay, cfg.train.adam_eps, device)
+    if state is not None:
+        if fsdp:
+            load_optimizer_state(decoder, opt_g, state["opt_g"])
+        else:
+            opt_g.load_state_dict(state["opt_g"])
 
-    # -- DDP: the decoder (through the RAE) and the discriminator heads each get their own wrapper ---------------
+    # -- DDP: the decoder (through the RAE; FSDP: sharded above) and the discriminator heads each get a wrapper ---
     rae_model, disc_model = rae, disc
-    if dist.enabled:
+    if dist.enabled and not fsdp:
         rae_model = wrap_ddp(rae, device, sync_buffers=False)  # only the decoder has trainable params; no buffer changes
-        if gan:  # D gradients are all-reduced (official: not, §10.1 #8)
-            disc_model = wrap_ddp(disc, device, sync_buffers=True)
+    if dist.enabled and gan:  # D gradients are all-reduced (official: not, §10.1 #8)
+        disc_model = wrap_ddp(disc, device, sync_buffers=True)
     rae_model = maybe_compile(rae_model, cfg.train.compile)
     disc_model = maybe_compile(disc_model, cfg.train.compile) if gan else None
 
@@ -180,7 +198,7 @@ def _train(cfg: TrainDecoderConfig, out: Path, dist) -> TrainResult:
         held, _, bad_held = load_batch(held_files, rae.image_size, crop="adm", skip_bad=True)
         pending_bad.extend((str(f), why) for f, why in bad_held)  # logged with the first metrics line
         # The EMA decoder behind the same (shared) frozen encoder and statistics, in eval mode: no latent noise.
-        ema_rae = RAE(rae.encoder, ema.module, input_size=rae.input_size, noise_tau=0.0, latent_mean=rae.latent_mean,
+        ema_rae = RAE(rae.encoder, eval_decoder, input_size=rae.input_size, noise_tau=0.0, latent_mean=rae.latent_mean,
                       latent_var=rae.latent_var, eps=rae.eps).to(device).eval()
 
     if dist.is_main:
@@ -256,6 +274,12 @@ def _train(cfg: TrainDecoderConfig, out: Path, dist) -> TrainResult:
                         log.info("step %d/%d %s", step, plan.total_steps,
                                  "  ".join(f"{k} {v:.4g}" for k, v in row.items()))
                     sums, count, t0 = {}, 0, time.time()
+                if held_files and ((cfg.train.eval_every and step % cfg.train.eval_every == 0)
+                                   or step == plan.total_steps):
+                    if fsdp:  # gathered by every rank; rank 0's whole copy evaluates
+                        whole = full_state(ema.module, dist.is_main)
+                        if dist.is_main:
+                            eval_decoder.load_state_dict(whole)
                 if held is not None and ((cfg.train.eval_every and step % cfg.train.eval_every == 0)
                                          or step == plan.total_steps):
                     last_eval = evaluate(ema_rae, held, out / "samples" / f"{run_dir.checkpoint_name(step)}.png")
@@ -263,13 +287,18 @@ def _train(cfg: TrainDecoderConfig, out: Path, dist) -> TrainResult:
                     log.info("step %d eval (EMA decoder, held-out): PSNR %.2f dB  SSIM %.4f", step,
                              last_eval["psnr"], last_eval["ssim"])
                 if clock.due(step, last=step == end):
-                    weights = {"decoder": decoder.state_dict(), "ema": ema.state_dict(),
-                               **({"disc": disc.state_dict()} if disc is not None else {})}
+                    if fsdp:  # gathered (a collective), whole on rank 0's CPU only
+                        weights = {"decoder": full_model_state(decoder), "ema": full_state(ema.module, dist.is_main)}
+                        opt_g_state = full_optimizer_state(decoder, opt_g)
+                    else:
+                        weights = {"decoder": decoder.state_dict(), "ema": ema.state_dict()}
+                        opt_g_state = opt_g.state_dict()
+                    weights.update({"disc": disc.state_dict()} if disc is not None else {})
                     try:
                         guard.check_state(weights, dist)  # a non-finite state is never saved
                     except NonFiniteError as e:
                         raise stop(e, step) from None
-                    _save_checkpoint(cfg, ckpt_root, step, plan, dist, weights, decoder=decoder, opt_g=opt_g,
+                    _save_checkpoint(cfg, ckpt_root, step, plan, dist, weights, decoder=decoder, opt_g=opt_g_state,
                                      opt_d=opt_d, scaler_g=scaler_g, scaler_d=scaler_d)
                     saved_step = step
     finally:
@@ -292,7 +321,7 @@ def _save_checkpoint(cfg, root: Path, step: int, plan: Plan, dist, weights: dict
     if dist.is_main:
         run_dir.save_checkpoint(
             root, step, weights=weights,
-            resume_state={"step": step, "opt_g": opt_g.state_dict(), "scaler_g": scaler_g.state_dict(),
+            resume_state={"step": step, "opt_g": opt_g, "scaler_g": scaler_g.state_dict(),
                           "scaler_d": scaler_d.state_dict(),
                           **({"opt_d": opt_d.state_dict()} if opt_d is not None else {})},
             config=cfg,
@@ -303,7 +332,9 @@ def _save_checkpoint(cfg, root: Path, step: int, plan: Plan, dist, weights: dict
     distributed.barrier(dist)
 
 
-def _load_checkpoint(ckpt, plan: Plan, *, decoder, ema, disc, opt_g, opt_d, scaler_g, scaler_d) -> int:
+def _load_checkpoint(ckpt, plan: Plan, *, decoder, ema, disc, opt_d, scaler_g, scaler_d) -> tuple[int, dict]:
+    """Load the weights, the discriminator's optimizer and the scalers; return (step, resume state) — the
+    decoder's optimizer state is loaded by the caller, once the decoder is (maybe) sharded."""
     from rae_cli.checkpoint import CheckpointError, strict_load
 
     meta = ckpt.meta
@@ -320,7 +351,6 @@ def _load_checkpoint(ckpt, plan: Plan, *, decoder, ema, disc, opt_g, opt_d, scal
     if disc is not None:
         strict_load(disc, ckpt.weights("disc"), f"{ckpt.path}/disc.safetensors")
         opt_d.load_state_dict(state["opt_d"])
-    opt_g.load_state_dict(state["opt_g"])
     scaler_g.load_state_dict(state["scaler_g"])
     scaler_d.load_state_dict(state["scaler_d"])
-    return int(state["step"])
+    return int(state["step"]), state

@@ -52,6 +52,10 @@ class DecoderTrainConfig:
     tf32: bool = doc("Allow TF32 matmuls on NVIDIA GPUs.", True)
     compile: bool = doc("torch.compile the RAE and discriminator forward passes (the saved weights are the bare "
                         "modules').", False)
+    parallel: str = doc("Under torchrun: ddp (each process holds the whole decoder) or fsdp (FSDP2: the decoder's "
+                        "weights, gradients, AdamW state and EMA sharded per layer over the processes; the frozen "
+                        "encoder is replicated and the discriminator heads stay DDP; same checkpoints). On one "
+                        "process both are plain training.", "ddp")
     seed: int = doc("Seed of the data order, crops, latent noise and DiffAug (derived per rank and step).", 0)
     device: str = doc("auto, cpu or cuda (under torchrun: the local GPU).", "auto")
     dist_timeout: Optional[float] = doc("Under torchrun: minutes a collective waits for the other processes before "
@@ -75,6 +79,9 @@ class DecoderTrainConfig:
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        from rae_cli.training.fsdp import check_parallel
+
+        check_parallel(self.parallel, "train.parallel")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ConfigError(f"train.schedule must be cosine, linear or constant, not {self.schedule!r}")
         if self.epochs <= 0 or self.global_batch_size < 1:

@@ -89,6 +89,7 @@ def train_step(*, model_fn, raw_model: torch.nn.Module, optimizer: torch.optim.O
     from rae_cli.distributed import all_reduce_mean
     from rae_cli.flow import training_loss
     from rae_cli.training.guard import check_step
+    from rae_cli.training.fsdp import plain
     from rae_cli.training.session import autocast, grad_scaler
 
     device = next(raw_model.parameters()).device
@@ -113,7 +114,7 @@ def train_step(*, model_fn, raw_model: torch.nn.Module, optimizer: torch.optim.O
     scaler.unscale_(optimizer)
     params = [p for p in raw_model.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad is not None else float("inf"))
-    values = torch.stack([loss_sum, grad_norm.to(loss_sum)])
+    values = torch.stack([loss_sum, plain(grad_norm).to(loss_sum)])  # FSDP: a DTensor, the global norm
     if dist is not None:
         values = all_reduce_mean(values, dist)
     loss_value, norm_value = values.tolist()  # the one host sync per step
@@ -247,6 +248,8 @@ def _train(cfg: TrainDiTConfig, out: Path, dist) -> Path:
     from rae_cli.stage2_bundle import checkpoint_entries
     from rae_cli.training import bad_images, guard
     from rae_cli.training.clock import CheckpointClock
+    from rae_cli.training.fsdp import (full_model_state, full_optimizer_state, full_state, gradient_sync_off,
+                                       load_optimizer_state, local_part, shard_like, wrap_fsdp)
     from rae_cli.training.resume import resume_point, write_run_config
     from rae_cli.training.session import grad_scaler, maybe_compile, progress_bar, setup_precision, wrap_ddp
 
@@ -272,15 +275,25 @@ def _train(cfg: TrainDiTConfig, out: Path, dist) -> Path:
     model = build_model(cfg, data.latent_shape, data.num_classes).to(device)
     objective = training_objective(cfg, model, data, shift, device)  # None for flow matching (rae_cli.meanflow)
     ema = EMA(model, cfg.ema_decay)  # equal to the model: in sync on every rank from the start
+    fsdp = dist.enabled and cfg.parallel == "fsdp"
+    if cfg.parallel == "fsdp" and not dist.enabled:
+        log.info("parallel=fsdp on one process: nothing to shard, training the whole model as usual")
+    state = last.resume_state() if last is not None else None
+    if last is not None:  # full weights, loaded before FSDP shards them
+        strict_load(model, last.weights("model"), f"model weights {last.path}")
+        ema.load_state_dict(last.weights("ema"), f"EMA weights {last.path}")
+    if fsdp:  # each block one FSDP unit, then the root; the EMA gets the same layout
+        wrap_fsdp(model, model.blocks, device, world, cfg.precision)
+        shard_like(ema.module, model)
     optimizer = make_optimizer(model, cfg.optim, device)
     scaler = grad_scaler(device, cfg.precision)
     ckroot = out / "checkpoints"
     start = 0
-    if last is not None:
-        strict_load(model, last.weights("model"), f"model weights {last.path}")
-        ema.load_state_dict(last.weights("ema"), f"EMA weights {last.path}")
-        state = last.resume_state()
-        optimizer.load_state_dict(state["optimizer"])
+    if state is not None:
+        if fsdp:
+            load_optimizer_state(model, optimizer, state["optimizer"])
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         if "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         for group in optimizer.param_groups:  # the config wins over the saved hyperparameters
@@ -294,13 +307,15 @@ def _train(cfg: TrainDiTConfig, out: Path, dist) -> Path:
                         last.meta.get("num_images"), start)
     write_run_config(out, cfg, dist)
     if dist.is_main:
-        n_params = sum(p.numel() for p in model.parameters())
+        n_params = sum(p.numel() for p in ema.module.parameters())  # FSDP: the EMA's DTensors count whole
         log.info("train-dit: %s (%.2fM params) on %s latents, %d images, %d classes, shift %.4f; %d steps/epoch, "
-                 "steps %d → %d of %d; %d process(es) × %d micro-batches of %d", cfg.dit.name, n_params / 1e6,
+                 "steps %d → %d of %d; %d process(es) (%s) × %d micro-batches of %d", cfg.dit.name, n_params / 1e6,
                  list(data.latent_shape), data.num_images, data.num_classes, shift, plan.steps_per_epoch, start,
-                 plan.stop_step, plan.total_steps, world, cfg.grad_accum_steps, micro)
+                 plan.stop_step, plan.total_steps, world, "fsdp" if fsdp else "ddp" if dist.enabled else "1 process",
+                 cfg.grad_accum_steps, micro)
 
-    ddp = wrap_ddp(model, device, sync_buffers=False) if dist.enabled else None
+    ddp = wrap_ddp(model, device, sync_buffers=False) if dist.enabled and not fsdp else None
+    no_sync = ddp.no_sync if ddp is not None else (lambda: gradient_sync_off(model)) if fsdp else None
     model_fn = maybe_compile(ddp if ddp is not None else model, cfg.compile)
     model.train()
 
@@ -338,15 +353,15 @@ def _train(cfg: TrainDiTConfig, out: Path, dist) -> Path:
                 try:
                     loss, gnorm = train_step(model_fn=model_fn, raw_model=model, optimizer=optimizer, ema=ema,
                                              micro_batches=batch, lr=lr, clip_grad=cfg.optim.clip_grad,
-                                             precision=cfg.precision, no_sync=ddp.no_sync if ddp else None,
+                                             precision=cfg.precision, no_sync=no_sync,
                                              dist=dist, step=step + 1, scaler=scaler, objective=objective)
                 except NonFiniteError as e:
                     raise stop(e, step + 1, lr) from None
                 done = step + 1
                 faults.point("train-step", done)
                 if faults.nonfinite("weights", done):  # test-only: a blow-up that reaches the weights silently
-                    with torch.no_grad():
-                        next(model.parameters()).fill_(float("nan"))
+                    with torch.no_grad():  # FSDP: into this rank's slice (the first non-empty one)
+                        next(t for t in map(local_part, model.parameters()) if t.numel()).fill_(float("nan"))
                 window_loss += loss
                 window_steps += 1
                 progress.update(task, completed=done, info=f"loss {loss:.4f} lr {lr:.2e}")
@@ -360,13 +375,18 @@ def _train(cfg: TrainDiTConfig, out: Path, dist) -> Path:
                                        **({"skipped_images": skipped.count} if skipped.count else {})})
                     window_loss, window_steps, window_t0 = 0.0, 0, time.perf_counter()
                 if clock.due(done, last=done == plan.stop_step):
-                    weights = {"model": model.state_dict(), "ema": ema.state_dict()}
+                    if fsdp:  # gathered (a collective), whole on rank 0's CPU only
+                        weights = {"model": full_model_state(model), "ema": full_state(ema.module, dist.is_main)}
+                        opt_state = full_optimizer_state(model, optimizer)
+                    else:
+                        weights, opt_state = {"model": model.state_dict(), "ema": ema.state_dict()}, None
                     try:
                         guard.check_state(weights, dist)  # a non-finite state is never saved
                     except NonFiniteError as e:
                         raise stop(e, done, lr) from None
                     if dist.is_main:
-                        _save(ckroot, done, cfg, plan, weights, optimizer, scaler, data, shift, world,
+                        _save(ckroot, done, cfg, plan, weights, opt_state or optimizer.state_dict(), scaler, data,
+                              shift, world,
                               stats_weights, stats_meta)
                     saved_step = done
                     distributed.barrier(dist)
@@ -378,7 +398,8 @@ def _train(cfg: TrainDiTConfig, out: Path, dist) -> Path:
     return final.path if final else ckroot / checkpoint_name(plan.stop_step)
 
 
-def _save(ckroot: Path, step: int, cfg: TrainDiTConfig, plan: Plan, weights: dict, optimizer, scaler, data: Data,
+def _save(ckroot: Path, step: int, cfg: TrainDiTConfig, plan: Plan, weights: dict, opt_state: dict, scaler,
+          data: Data,
           shift: float, world: int, stats_weights: dict, stats_meta: dict) -> None:
     """Checkpoint ``step`` (rank 0): weights, the latent statistics and RAE identity (the run stands alone),
     the resume state; then the retention policy."""
@@ -386,7 +407,7 @@ def _save(ckroot: Path, step: int, cfg: TrainDiTConfig, plan: Plan, weights: dic
 
     save_checkpoint(
         ckroot, step, weights={**weights, **stats_weights},
-        resume_state={"step": step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+        resume_state={"step": step, "optimizer": opt_state, "scaler": scaler.state_dict(),
                       "global_batch_size": cfg.global_batch_size, "world_size": world},
         config=cfg,
         meta={"epoch": step / plan.steps_per_epoch, "images_seen": step * cfg.global_batch_size,

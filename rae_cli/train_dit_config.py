@@ -93,6 +93,9 @@ class TrainDiTConfig:
     precision: str = doc("fp32 (official recommendation), bf16 (autocast) or fp16 (autocast + GradScaler).", "fp32")
     tf32: bool = doc("Allow TF32 matmuls on NVIDIA GPUs (official: on).", True)
     compile: bool = doc("torch.compile the model.", False)
+    parallel: str = doc("Under torchrun: ddp (every process holds the whole model) or fsdp (FSDP2: weights, "
+                        "gradients, AdamW state and EMA sharded over the processes, one transformer block "
+                        "gathered at a time; same checkpoints). On one process both are plain training.", "ddp")
     num_workers: int = doc("Data-loading worker processes per process (0 = in the main process).", 4)
     device: str = doc("auto, cpu or cuda (under torchrun: the local GPU).", "auto")
     dist_timeout: Optional[float] = doc("Under torchrun: minutes a collective waits for the other processes before "
@@ -132,6 +135,12 @@ class TrainDiTConfig:
                               "not both")
         if self.latent_shape is not None and len(self.latent_shape) != 3:
             raise ConfigError("latent_shape must be [C, h, w]")
+        from rae_cli.training.fsdp import check_parallel
+
+        check_parallel(self.parallel)
+        if self.parallel == "fsdp" and self.objective == "meanflow":
+            raise ConfigError("objective=meanflow is not supported with parallel=fsdp (its forward-mode derivative "
+                              "does not run through FSDP's hooks): use parallel=ddp")
         if self.objective not in ("flow", "meanflow"):
             raise ConfigError(f"objective must be flow or meanflow, not {self.objective!r}")
         if self.objective == "meanflow" and getattr(self.dit, "second_time", "none") == "none":

@@ -70,6 +70,14 @@ def test_checkpointing_and_fsdp_lower_the_plan():
     for k in ("weights (fp32)", "gradients (fp32)", "AdamW moments", "EMA"):
         assert fsdp.components[k] == base.components[k] // 4
     assert fsdp.peak < base.peak
+    # Accumulating without reduce-scatter keeps whole fp32 gradients until the last micro-batch: counted.
+    accum = plan_training("t", model, mode, inputs(32), TrainSetup(parallel="fsdp", world_size=4, fused_adamw=False,
+                                                                    grad_accum_steps=2))
+    whole = 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert accum.components["FSDP whole grads (accumulating)"] == whole
+    assert accum.phases["backward"] == (fsdp.phases["backward"] - max(fsdp.components["saved activations"],
+                                                                      fsdp.components["gradients (fp32)"])
+                                        + fsdp.components["saved activations"] + whole)
 
 
 def test_sampling_plan_matches_measured_peak():
@@ -93,7 +101,33 @@ def test_plan_of_the_xl_preset_counts_the_real_model():
     assert plan.components["weights (fp32)"] == 4 * n
     assert plan.components["AdamW moments"] > 2 * 4 * 830e6  # every trainable parameter, two fp32 moments
     assert plan.components["saved activations"] > 0
-    assert "8 process(es), micro-batch 1" in plan.what
+    assert "8 process(es) (ddp), micro-batch 1" in plan.what
+
+
+def test_fsdp_plan_of_the_xl_preset_shards_the_state_and_gathers_one_block():
+    from rae_cli.train_dit import TrainDiTConfig
+
+    cfg = resolve(TrainDiTConfig, preset="dit-dh-xl_dinov2-b_in256", overrides=["global_batch_size=8",
+                                                                                 "parallel=fsdp"])
+    ddp = plan_train_dit(resolve(TrainDiTConfig, preset="dit-dh-xl_dinov2-b_in256",
+                                 overrides=["global_batch_size=8"]), world_size=8)
+    plan = plan_train_dit(cfg, world_size=8)
+    for k in ("weights (fp32)", "gradients (fp32)", "AdamW moments", "EMA"):
+        assert plan.components[k] == ddp.components[k] // 8
+    model = build_fake(lambda: build_dit_model(cfg.dit, (768, 16, 16), 1000))[0]
+    block = max(sum(p.numel() for p in b.parameters()) for b in model.blocks)
+    root = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.blocks.parameters())
+    assert block == sum(p.numel() for p in model.blocks[-1].parameters()) > 70e6  # a wide DDT head block
+    assert plan.components["FSDP gathered (root + 2 blocks)"] == 4 * (root + 2 * block)
+    assert plan.peak < ddp.peak - 3 * 4 * 838e6 * 7 / 8  # 7/8 of weights, moments and EMA saved (at least)
+    assert "(fsdp)" in plan.what and any("FSDP over 8 processes" in n for n in plan.notes)
+    # bf16: blocks are gathered in bf16; one process: nothing is sharded, whatever parallel says
+    bf16 = plan_train_dit(resolve(TrainDiTConfig, preset="dit-dh-xl_dinov2-b_in256",
+                                  overrides=["global_batch_size=8", "parallel=fsdp", "precision=bf16"]), world_size=8)
+    assert bf16.components["FSDP gathered (root + 2 blocks)"] == 2 * (root + 2 * block)
+    one = plan_train_dit(cfg, world_size=1)
+    assert one.components["weights (fp32)"] == ddp.components["weights (fp32)"]
+    assert "FSDP gathered (root + 2 blocks)" not in one.components
 
 
 def test_meter_ignores_views_and_counts_frees():

@@ -2,6 +2,8 @@
 
 - :mod:`~rae_cli.training.session`   distributed init/teardown (always in try/finally), precision (autocast, one
                                      GradScaler per optimizer, TF32, torch.compile), ``no_sync`` accumulation, progress
+- :mod:`~rae_cli.training.fsdp`      ``parallel=fsdp``: FSDP2 sharding per transformer block, full-state checkpoints
+                                     in the DDP layout, the EMA sharded alike, gradient-sync-off accumulation
 - :mod:`~rae_cli.training.resume`    the run folder and the ONE resume policy (which keys may change on resume)
 - :mod:`~rae_cli.training.guard`     the NaN guard: a non-finite loss, gradient or state is never saved
 - :mod:`~rae_cli.training.clock`     when to checkpoint: step/epoch intervals and ``ckpt_every_minutes`` (rank 0 decides)

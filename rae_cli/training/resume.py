@@ -32,6 +32,8 @@ RESUMABLE_KEYS = frozenset({
     "train.eval_every", "train.ckpt_every", "train.ckpt_every_minutes", "train.keep_last", "train.keep_every",
     # process-level settings of other branches (collective timeout, node-local cache copies)
     "dist_timeout", "train.dist_timeout", "cache_local_dir",
+    # how the processes share the model (DDP or FSDP): the checkpoints are the same full state dicts either way
+    "parallel", "train.parallel",
     # bookkeeping written next to every config
     "rae_version", "kind",
 })

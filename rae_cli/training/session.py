@@ -70,10 +70,16 @@ def maybe_compile(module, enabled: bool):
 
 
 def accumulation_context(model, *, last: bool, distributed: bool):
-    """Inside a step's micro-batch loop: skip the DDP all-reduce on all but the last micro-batch (``no_sync``)."""
-    if distributed and not last and hasattr(model, "no_sync"):
+    """Inside a step's micro-batch loop: skip the gradient all-reduce on all but the last micro-batch — DDP's
+    ``no_sync``, or FSDP's ``set_requires_gradient_sync(False)`` for a model that holds an FSDP-sharded module."""
+    if not distributed or last:
+        return contextlib.nullcontext()
+    if hasattr(model, "no_sync"):
         return model.no_sync()
-    return contextlib.nullcontext()
+    from rae_cli.training.fsdp import fsdp_root, gradient_sync_off
+
+    root = fsdp_root(model)
+    return gradient_sync_off(root) if root is not None else contextlib.nullcontext()
 
 
 def progress_bar(label: str, enabled: bool, info: bool = True):
