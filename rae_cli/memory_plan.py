@@ -346,6 +346,10 @@ def plan_train_dit(cfg, world_size: int | None = None) -> MemoryPlan:
             f"({setup.parallel if world > 1 else 'one process'}), micro-batch {micro} "
             f"({cfg.grad_accum_steps} per step), {cfg.precision}")
     plan = plan_training(what, model, mode, _dit_inputs(micro, shape), setup)
+    if world == 1 and micro >= 256:
+        plan.notes.append(f"planned for ONE process (WORLD_SIZE unset): it takes the whole global batch of "
+                          f"{cfg.global_batch_size}; for N GPUs plan with WORLD_SIZE=N (torchrun sets it), or add "
+                          f"grad_accum_steps=K / dit.grad_checkpointing=true / precision=bf16")
     if cfg.images:
         plan.notes.append("on-the-fly encoding: add the frozen encoder's weights and one micro-batch of its "
                           "activations (no gradient)")

@@ -226,3 +226,19 @@ def test_sample_refuses_to_finish_with_a_changed_checkpoint(tmp_path):
     weights.unlink()
     with pytest.raises(ConfigError, match="is no longer there"):
         pin_sources(cfg, out)
+
+
+def test_dry_run_needs_no_out_and_a_real_run_does(tmp_path, monkeypatch):
+    # The command line: the plan of the 8-GPU preset, without --out (nothing is written)
+    monkeypatch.chdir(tmp_path)
+    res, text = _invoke("train-dit", "-p", "dit-dh-xl_dinov2-b_in256", "--dry-run")
+    assert res.exit_code == 0, text
+    assert "memory plan per process" in text and "planned for ONE process" in text
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    res, text = _invoke("train-dit", "-p", "dit-dh-xl_dinov2-b_in256", "--dry-run")
+    assert res.exit_code == 0 and "8 process(es)" in text and "planned for ONE process" not in text
+    for args in (["train-dit", "-p", "tiny"], ["sample", "-p", "tiny"], ["cache-latents", str(tmp_path), "-p", "tiny"],
+                 ["train-decoder", str(tmp_path), "-p", "tiny"]):
+        res, text = _invoke(*args)
+        assert res.exit_code == 2 and "missing option --out" in text, (args, text)
+    assert list(tmp_path.iterdir()) == []

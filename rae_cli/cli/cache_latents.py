@@ -28,7 +28,7 @@ def _setup_logging() -> None:
 def cache_latents(
     images: Path = typer.Argument(..., help="Image folder: class sub-folders = labels; a flat folder = "
                                             "unconditional."),
-    out: Path = typer.Option(..., "--out", "-o", help="Cache folder (index.json, shard-*.safetensors, "
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Cache folder (index.json, shard-*.safetensors, "
                                                       "partial-stats/, stats.safetensors). Re-run to resume."),
     preset: Optional[str] = preset_option("dinov2-b_in256", "cache-latents"),
     dry_run: bool = dry_run_option(),
@@ -45,7 +45,7 @@ def cache_latents(
     from rae_cli.latent_cache import CacheLatentsConfig
 
     cfg = resolve_config(CacheLatentsConfig, preset, overrides, dry_run)
-    check_out(out)
+    check_out(out, required=True)
     _setup_logging()
     from rae_cli.latent_cache import cache_latents as run
 

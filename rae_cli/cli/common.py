@@ -74,9 +74,15 @@ def resolve_config(cls: type, preset: Optional[str], overrides: Optional[List[st
     return cfg
 
 
-def check_out(path: Optional[Path], kind: str = "dir", what: str = "--out") -> None:
-    """Fail in one line, before any compute, unless ``path`` can be written (``kind``: dir or file)."""
+def check_out(path: Optional[Path], kind: str = "dir", what: str = "--out", required: bool = False) -> None:
+    """Fail in one line, before any compute, unless ``path`` can be written (``kind``: dir or file).
+
+    ``required``: the option may be left out only with ``--dry-run`` (which exits before this check)."""
     if path is None:
+        if required:
+            from rae_cli.config import ConfigError
+
+            raise ConfigError(f"missing option {what}: where to write the results (only --dry-run runs without it)")
         return
     from rae_cli.output import check_output_dir, check_output_file
 

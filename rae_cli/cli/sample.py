@@ -37,7 +37,7 @@ def _resolve(preset: Optional[str], overrides: Optional[List[str]], dry_run: boo
 @app.command("sample")
 @handle_errors
 def sample(
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder: images/*.png, samples.npz, grid.png, "
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder: images/*.png, samples.npz, grid.png, "
                                                       "sample_info.json, config.yaml. Re-run to resume."),
     preset: Optional[str] = preset_option(None, "sample"),
     dry_run: bool = dry_run_option(),
@@ -49,7 +49,7 @@ def sample(
     rae sample --out s checkpoint=runs/tiny labels=[1,2,3] ; torchrun --nproc_per_node 8 -m rae_cli sample ...
     """
     cfg = _resolve(preset, overrides, dry_run)
-    check_out(out)
+    check_out(out, required=True)
     _setup_logging()
     from rae_cli.sample import sample as run_sample
     from rae_cli.weights import WeightsNotFoundError

@@ -17,7 +17,7 @@ from rae_cli.cli.schemas import register
 @handle_errors
 def train_decoder(
     images: Path = typer.Argument(..., help="Training image folder, searched recursively (sets data.path)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Run folder: config.yaml, checkpoints/, metrics.jsonl, "
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder: config.yaml, checkpoints/, metrics.jsonl, "
                              "samples/, export/. Re-running the same command resumes."),
     preset: str = preset_option("decoder-xl_dinov2-b", "train-decoder"),
     dry_run: bool = dry_run_option(),
@@ -27,7 +27,7 @@ def train_decoder(
     from rae_cli.train_decoder import TrainDecoderConfig
 
     cfg = resolve_config(TrainDecoderConfig, preset, [f"data.path={images.resolve()}", *(overrides or [])], dry_run)
-    check_out(out)
+    check_out(out, required=True)
     import logging
     import os
 

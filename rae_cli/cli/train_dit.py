@@ -30,7 +30,7 @@ def _is_main() -> bool:
 @app.command("train-dit")
 @handle_errors
 def train_dit(
-    out: Path = typer.Option(..., "--out", "-o", help="Run folder (config.yaml, metrics.jsonl, checkpoints/). "
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (config.yaml, metrics.jsonl, checkpoints/). "
                                                       "Re-run the same command to resume."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Latent cache from `rae cache-latents`."),
     data: Optional[Path] = typer.Option(None, "--data", help="Image folder, encoded on the fly instead."),
@@ -53,7 +53,7 @@ def train_dit(
     from rae_cli.memory_plan import plan_train_dit
 
     cfg = resolve_config(TrainDiTConfig, preset, overrides, dry_run, base=base, plan=plan_train_dit)
-    check_out(out)
+    check_out(out, required=True)
     _setup_logging()
     from rae_cli.train_dit import train_dit as run
 
