@@ -3,6 +3,7 @@ seed streams of an output folder, and the two-pass resolution against a checkpoi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import ClassVar, List, Optional
@@ -156,4 +157,10 @@ def resolve_sample_config(preset: str | None, overrides: list[str] = ()) -> tupl
         return base, first
     # Each section as one flow-style YAML override (JSON is YAML), placed before the user's overrides.
     from_checkpoint = [f"{key}={json.dumps(value)}" for key, value in base.items()]
-    return base, resolve(SampleConfig, preset=preset, overrides=from_checkpoint + overrides)
+    cfg = resolve(SampleConfig, preset=preset, overrides=from_checkpoint + overrides)
+    own = (base.get("rae") or {}).get("stats")
+    if cfg.rae is not None and cfg.rae.stats is None and own:
+        # Another autoencoder (rae=OTHER.yaml, e.g. a second decoder of the same encoder) that names no statistics
+        # decodes with the ones the model was trained with; stats given explicitly are still checked by hash.
+        cfg = dataclasses.replace(cfg, rae=dataclasses.replace(cfg.rae, stats=own))
+    return base, cfg

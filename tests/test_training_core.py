@@ -171,6 +171,12 @@ def test_sample_works_after_the_cache_is_deleted(tmp_path):
     res = cli(*sample, "--out", tmp_path / "s1")
     assert res.exit_code == 0, res.output
     assert len(list((tmp_path / "s1" / "images").glob("*.png"))) == 2
+    # Another autoencoder section naming no statistics (rae=PRESET, e.g. a second decoder of the same encoder)
+    # decodes with the checkpoint's own: here the same preset the run used, so the very same images.
+    res = cli(*sample, "rae=tiny", "--out", tmp_path / "s1b")
+    assert res.exit_code == 0, res.output
+    for a in sorted((tmp_path / "s1" / "images").glob("*.png")):
+        assert a.read_bytes() == (tmp_path / "s1b" / "images" / a.name).read_bytes()
     shutil.rmtree(moved)
 
     # A rebuilt cache with other statistics: passing them is refused, unless explicitly allowed.
