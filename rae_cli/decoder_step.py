@@ -66,7 +66,7 @@ class StepContext:
     def generator_step(self, images: list[torch.Tensor], step: int, opt: torch.optim.Optimizer,
                        scaler) -> dict[str, float]:
         """L1 + LPIPS (+ adaptive-weighted GAN) on the noisy-latent reconstructions; one optimizer step."""
-        from rae_cli.gan_losses import adaptive_weight, vanilla_g_loss
+        from rae_cli.gan_losses import adaptive_weight
         from rae_cli.training.fsdp import plain
 
         cfg, sched = self.cfg.loss, self.schedule
@@ -80,14 +80,10 @@ class StepContext:
         for m, x in enumerate(images):
             with self._no_sync(self.rae_model, last=m == accum - 1):
                 with self.autocast:
-                    recon = self.rae_model(x, generator=self._gen(step, _NOISE, m))  # τ noise on the latents
-                    rec = (recon.float() - x).abs().mean()  # L1 on the [0, 1] scale
-                    lp = (self.lpips(x * 2 - 1, recon * 2 - 1).float() if use_lpips and self.lpips is not None
-                          else torch.zeros((), device=x.device))
-                    rec_loss = rec + cfg.perceptual_weight * lp
-                    if use_gan:
-                        fake = self.diffaug(recon * 2 - 1, self._gen(step, _AUG_G, m))  # not clamped (official)
-                        gan = vanilla_g_loss(self.disc(fake))
+                    rec, lp, rec_loss, gan = generator_losses(
+                        self.rae_model, x, self._gen(step, _NOISE, m), lpips=self.lpips if use_lpips else None,
+                        perceptual_weight=cfg.perceptual_weight,
+                        gan=(lambda r: self.diffaug(r, self._gen(step, _AUG_G, m)), self.disc) if use_gan else None)
                 if use_gan:
                     # Read after the forward: under FSDP that is the gathered weight the forward used (before it,
                     # the module holds its shard, which is not in the graph).
@@ -141,6 +137,23 @@ class StepContext:
         opt.zero_grad(set_to_none=True)
         self.rae.train()
         return out
+
+
+def generator_losses(rae_model, x: torch.Tensor, noise: torch.Generator | None, *, lpips, perceptual_weight: float,
+                     gan=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(L1, LPIPS, L_rec, L_gan or None) of one micro-batch: the generator step's forward (also run on fake tensors
+    by the memory planner). ``gan``: (augment, discriminator) — the fakes are DiffAug'd, not clamped (official)."""
+    from rae_cli.gan_losses import vanilla_g_loss
+
+    recon = rae_model(x, generator=noise)  # τ noise on the latents
+    rec = (recon.float() - x).abs().mean()  # L1 on the [0, 1] scale
+    lp = lpips(x * 2 - 1, recon * 2 - 1).float() if lpips is not None else torch.zeros((), device=x.device)
+    rec_loss = rec + perceptual_weight * lp
+    g_loss = None
+    if gan is not None:
+        augment, disc = gan
+        g_loss = vanilla_g_loss(disc(augment(recon * 2 - 1)))
+    return rec, lp, rec_loss, g_loss
 
 
 def _accumulate(out: dict[str, float], accum: int, **values: torch.Tensor) -> None:

@@ -184,6 +184,15 @@ def build_encoder(folder: str | Path, kind: str | None = None):
     return encoder
 
 
+def encoder_architecture(folder: str | Path, kind: str | None = None):
+    """The encoder of ``build_encoder(folder, kind)`` from the folder's config alone (no weights read; call it
+    under ``torch.device("meta")`` or a fake-tensor mode)."""
+    from rae_cli.encoders import encoder_from_config
+
+    name, overrides, _ = _encoder_identity_checked(read_config(Path(folder)), kind, Path(folder))
+    return encoder_from_config(name, overrides)
+
+
 def encoder_info(folder: str | Path, kind: str | None = None):
     """The :class:`~rae_cli.encoders.EncoderInfo` of ``build_encoder(folder, kind)`` without reading the encoder's
     weights: the architecture is built on the meta device, the pixel constants read alone from the file."""

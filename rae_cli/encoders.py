@@ -246,27 +246,46 @@ def encoder_info(kind: str, source: str | None = None, *, random_init: bool = Fa
     whose config is neither in ``$RAE_HOME`` nor in the Hugging Face cache uses the registry's architecture.
     """
     del seed  # same signature as load_encoder; nothing random happens on the meta device
-    name, spec, family = _lookup(kind, source, random_init)
-    with torch.device("meta"):
-        if source is not None and not random_init:
-            from rae_cli.diffusers_rae import encoder_info as diffusers_info, is_diffusers_folder
+    name, _, family = _lookup(kind, source, random_init)
+    if source is not None and not random_init:
+        from rae_cli.diffusers_rae import encoder_info as diffusers_info, is_diffusers_folder
 
-            if is_diffusers_folder(source):
-                return diffusers_info(source, kind)
-        if family == "efficientnet-lite0":
-            if config_overrides:
-                raise ValueError("config_overrides is not supported for EfficientNet-Lite0")
-            encoder = EfficientNetLite0Encoder(efficientnet_lite0_classifier(None, random_init=True), stride)
-        elif random_init:
-            encoder = _random_init_hf(family, spec, source, config_overrides, 0)
-        else:
-            if config_overrides:
-                raise ValueError("config_overrides only applies to random_init=True")
-            if source is None:
-                local = local_encoder_dir(name)
-                source = str(local) if (local / "config.json").is_file() else get_artifact(name).source
-            encoder = _hf_architecture(family, source, name, spec)
+        if is_diffusers_folder(source):
+            return diffusers_info(source, kind)
+    with torch.device("meta"):
+        encoder = encoder_architecture(kind, source, random_init=random_init, config_overrides=config_overrides,
+                                       stride=stride)
+    if source is None and name is not None and not random_init:
+        local = local_encoder_dir(name)
+        source = str(local) if (local / "config.json").is_file() else get_artifact(name).source
     return dataclasses.replace(encoder.info(), name=name or f"{family}:{source}")
+
+
+def encoder_architecture(kind: str, source: str | None = None, *, random_init: bool = False,
+                         config_overrides: Mapping[str, Any] | None = None, stride: int = 8) -> FrozenEncoder:
+    """The encoder ``load_encoder`` (same arguments) would build, from its config alone: no weights are read.
+
+    Call it under ``torch.device("meta")`` or a ``FakeTensorMode`` (the memory planner); its parameters are then
+    shapes only. A registry encoder whose config is in neither ``$RAE_HOME`` nor the HF cache uses the registry's.
+    """
+    name, spec, family = _lookup(kind, source, random_init)
+    if source is not None and not random_init:
+        from rae_cli.diffusers_rae import encoder_architecture as diffusers_architecture, is_diffusers_folder
+
+        if is_diffusers_folder(source):
+            return diffusers_architecture(source, kind)
+    if family == "efficientnet-lite0":
+        if config_overrides:
+            raise ValueError("config_overrides is not supported for EfficientNet-Lite0")
+        return EfficientNetLite0Encoder(efficientnet_lite0_classifier(None, random_init=True), stride)
+    if random_init:
+        return _random_init_hf(family, spec, source, config_overrides, 0)
+    if config_overrides:
+        raise ValueError("config_overrides only applies to random_init=True")
+    if source is None:
+        local = local_encoder_dir(name)
+        source = str(local) if (local / "config.json").is_file() else get_artifact(name).source
+    return _hf_architecture(family, source, name, spec)
 
 
 def _hf_architecture(family: str, source: str, name: str | None, spec: EncoderSpec | None) -> FrozenEncoder:

@@ -66,16 +66,18 @@ def build_fake(factory: Callable[[], nn.Module]):
 
 
 def saved_activation_bytes(model: nn.Module, mode, make_inputs: Callable[[], tuple], *, precision: str = "fp32",
-                           grad_checkpointing: bool = False, forward: Callable | None = None) -> tuple[int, int]:
+                           grad_checkpointing: bool = False, forward: Callable | None = None,
+                           exclude: Sequence[nn.Module] = ()) -> tuple[int, int]:
     """(bytes autograd keeps after the forward, largest one-block recompute) for one training forward.
 
     Distinct storages are counted once (a tensor saved by several ops, or views of one tensor); the parameters
-    themselves (saved by matmuls for the input gradient) are not activations and are counted as weights. Under activation
+    themselves (saved by matmuls for the input gradient) are not activations and are counted as weights, and so are
+    the parameters and buffers of the ``exclude`` modules (frozen networks in the loss). Under activation
     checkpointing the kept tensors are the block inputs; the backward recomputes one block at a time, which adds
     the largest block's saved tensors (measured per block with checkpointing off).
     """
     blocks = _blocks(model)
-    weights = {p.untyped_storage()._cdata for p in model.parameters()}
+    weights = {t.untyped_storage()._cdata for m in (model, *exclude) for t in (*m.parameters(), *m.buffers())}
 
     def run(ckpt: bool) -> tuple[int, list[int]]:
         saved: dict[int, tuple[torch.Tensor, int]] = {}
@@ -151,12 +153,14 @@ class TrainSetup:
 
 
 def plan_training(what: str, model: nn.Module, mode, make_inputs: Callable[[], tuple], setup: TrainSetup, *,
-                  extra_frozen: Sequence[nn.Module] = (), forward: Callable | None = None) -> MemoryPlan:
+                  extra_frozen: Sequence[nn.Module] = (), forward: Callable | None = None,
+                  exclude: Sequence[nn.Module] = ()) -> MemoryPlan:
     """The per-process plan of one optimizer step of ``model`` (fake) on the micro-batch ``make_inputs()`` gives.
 
     Static: fp32 weights, gradients, AdamW's two moments and the EMA, each divided by the world size under FSDP
     (full sharding; one block is gathered at a time); frozen modules (encoder, LPIPS, discriminator backbone) are
-    never sharded. Phases: the backward (static + the larger of saved activations and gradients, as one is freed
+    never sharded; ``exclude``: other modules whose weights the forward uses (not activations, not counted here).
+    Phases: the backward (static + the larger of saved activations and gradients, as one is freed
     while the other is written; under FSDP the gathered blocks) and the optimizer step (static + gradients + one parameter-sized temporary unless fused).
     """
     params = list(model.parameters())
@@ -169,7 +173,8 @@ def plan_training(what: str, model: nn.Module, mode, make_inputs: Callable[[], t
     frozen = sum(_nbytes(m.parameters()) + _nbytes(m.buffers()) for m in extra_frozen)
     buffers = _nbytes(model.buffers())
     act, recompute = saved_activation_bytes(model, mode, make_inputs, precision=setup.precision,
-                                            grad_checkpointing=setup.grad_checkpointing, forward=forward)
+                                            grad_checkpointing=setup.grad_checkpointing, forward=forward,
+                                            exclude=[*extra_frozen, *exclude])
     comps = {"weights (fp32)": weights, "buffers": buffers, "gradients (fp32)": grads, "AdamW moments": optim,
              "EMA": ema, "frozen modules": frozen, "saved activations": act}
     if recompute:

@@ -68,6 +68,23 @@ class LPIPS(nn.Module):
         return self.distance(x, y).mean()
 
 
+def lpips_network(device: str = "cpu"):
+    """The ``lpips.LPIPS(net="vgg")`` module with uninitialised weights on ``device`` (nothing read; "meta": shapes
+    only, for the memory planner). :func:`build_lpips` fills every parameter."""
+    import lpips
+    from lpips.lpips import ScalingLayer
+
+    # Built on the meta device: torchvision's VGG16 constructor would otherwise allocate and initialise its
+    # 120M-parameter classifier, which LPIPS drops. pnet_rand=True means torchvision never tries to download.
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(pretrained|weight enum).*", category=UserWarning)
+        net = lpips.LPIPS(pretrained=False, net="vgg", pnet_rand=True, verbose=False)
+    net = net.to_empty(device=device)
+    with torch.device(device):
+        net.scaling_layer = ScalingLayer()  # its constant buffers were wiped by to_empty; rebuild them
+    return net
+
+
 def build_lpips(vgg_weights: str | Path | None = None, random_init: bool = False) -> LPIPS:
     """LPIPS-VGG with the package's v0.1 lin weights and the torchvision VGG16 ImageNet trunk.
 
@@ -75,18 +92,8 @@ def build_lpips(vgg_weights: str | Path | None = None, random_init: bool = False
     ``random_init``: TEST ONLY, a random VGG trunk (no file needed); the lin weights are still the real ones.
     Raises ``WeightsNotFoundError`` when the VGG file is missing; nothing is downloaded.
     """
-    import lpips
-    from lpips.lpips import ScalingLayer
-
     vgg_path = None if random_init else resolve_vgg16_weights(vgg_weights)
-    # Built on the meta device: torchvision's VGG16 constructor would otherwise allocate and initialise its
-    # 120M-parameter classifier, which LPIPS drops. pnet_rand=True means torchvision never tries to download.
-    # Every parameter is then filled below, by strict loads (or a reset for the random test trunk).
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(pretrained|weight enum).*", category=UserWarning)
-        net = lpips.LPIPS(pretrained=False, net="vgg", pnet_rand=True, verbose=False)
-    net = net.to_empty(device="cpu")
-    net.scaling_layer = ScalingLayer()  # its constant buffers were wiped by to_empty; rebuild them on CPU
+    net = lpips_network()
 
     # The package loads its lin weights with strict=False; we load them strictly ourselves.
     lin_sd = torch_load_weights(resolve("lpips-vgg-lin"))

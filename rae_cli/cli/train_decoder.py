@@ -24,9 +24,11 @@ def train_decoder(
     overrides: Optional[List[str]] = overrides_argument(),
 ) -> None:
     """Train an RAE decoder on a frozen encoder with L1 + LPIPS + GAN (paper §3); works under torchrun."""
+    from rae_cli.memory_plan_decoder import plan_train_decoder
     from rae_cli.train_decoder import TrainDecoderConfig
 
-    cfg = resolve_config(TrainDecoderConfig, preset, [f"data.path={images.resolve()}", *(overrides or [])], dry_run)
+    cfg = resolve_config(TrainDecoderConfig, preset, [f"data.path={images.resolve()}", *(overrides or [])], dry_run,
+                         plan=plan_train_decoder)
     check_out(out, required=True)
     import logging
     import os
