@@ -124,7 +124,6 @@ def test_dit_fp16_scales_and_resumes_identically(dit):
     assert len(fp16) == 2 and all(math.isfinite(x) for x in fp16)
     assert fp16 == pytest.approx(fp32, rel=0.05)  # same draws, fp16 matmuls
     assert fp16 != fp32  # autocast was on
-    assert_close_files(dit["ref"], ckpt, ("model",), rtol=0.05, atol=5e-3)  # Adam steps of ~lr: same direction
     assert_moved(dit["ref"], ckpt, "model")
     # The GradScaler is live (a disabled one saves an empty state) and counted both steps without an overflow.
     scaler = resume_state(ckpt)["scaler"]
