@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 ACCUM, STEPS = 2, 2  # micro-batches per optimizer step per process, optimizer steps
 
 LAUNCHER = textwrap.dedent('''
-    """python LAUNCHER COUNTS_FILE BREAK_NO_SYNC rae-args... (under torchrun): the `rae` CLI with counted all-reduces."""
+    """python LAUNCHER COUNTS_FILE BREAK_NO_SYNC RAE_ARGS... under torchrun: `rae` with counted all-reduces."""
     import contextlib, json, os, sys
 
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
