@@ -75,6 +75,7 @@ class StepContext:
         # fills D's .grad nor triggers D's all-reduce (official: it runs through the DDP wrapper, spec §10.1 #8).
         if self.disc is not None:
             self.disc.eval().requires_grad_(False)
+        loss_scale = scaler.scale(torch.ones((), device=images[0].device)) if scaler.is_enabled() else None
         out: dict[str, float] = {}
         accum = len(images)
         for m, x in enumerate(images):
@@ -88,7 +89,8 @@ class StepContext:
                     # Read after the forward: under FSDP that is the gathered weight the forward used (before it,
                     # the module holds its shard, which is not in the graph).
                     last_layer = self.rae.decoder.decoder_pred.weight
-                    d_weight = adaptive_weight(rec_loss, gan, last_layer, cfg.max_d_weight)  # outside autocast
+                    # Outside autocast; fp16: of the scaled losses (unscaled fp16 gradients underflow).
+                    d_weight = adaptive_weight(rec_loss, gan, last_layer, cfg.max_d_weight, scale=loss_scale)
                     total = rec_loss + cfg.disc_weight * d_weight * gan
                 else:
                     total = rec_loss

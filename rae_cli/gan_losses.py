@@ -21,21 +21,34 @@ def vanilla_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
 
 
 def adaptive_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer_weight: torch.Tensor,
-                    max_weight: float = 1e4, eps: float = 1e-6) -> torch.Tensor:
+                    max_weight: float = 1e4, eps: float = 1e-6, scale: torch.Tensor | None = None) -> torch.Tensor:
     """d = ‖∇_W L_rec‖ / (‖∇_W L_gan‖ + eps), clamped to [0, max_weight] and detached (spec §2.3 step 7).
 
     W is the decoder's last layer (``decoder.decoder_pred.weight``). Both graphs are retained, so the caller can
     still backpropagate L_rec + disc_weight·d·L_gan. Call it outside autocast.
+
+    ``scale`` (fp16): the GradScaler's loss scale as a tensor (``scaler.scale(torch.ones(()))``). Each gradient is
+    then taken of the scaled loss, as in the backward pass, and unscaled in fp32: unscaled, the fp16 gradient of a
+    mean over a real batch (32 images of 3×256² → 1/N ≈ 5e-8 per pixel) is at or below fp16's smallest subnormal,
+    and d would be rounding noise. A loss whose scaled gradient overflows (a large one: the separate GAN gradient,
+    before d shrinks it in the total) is differentiated unscaled instead. That check costs a host sync in fp16.
     """
     if not last_layer_weight.requires_grad:
         raise ValueError("adaptive_weight needs a last-layer weight that requires grad")
-    grads = []
-    for name, loss in (("reconstruction", rec_loss), ("GAN", gan_loss)):
-        (g,) = torch.autograd.grad(loss, last_layer_weight, retain_graph=True, allow_unused=True)
+
+    def grad_norm(loss: torch.Tensor, name: str, s) -> torch.Tensor:
+        (g,) = torch.autograd.grad(loss.float() * s, last_layer_weight, retain_graph=True, allow_unused=True)
         if g is None:
             raise ValueError(f"the {name} loss does not depend on the last-layer weight given to adaptive_weight")
-        grads.append(g)
-    rec_norm, gan_norm = (torch.linalg.vector_norm(g.float()) for g in grads)
+        return torch.linalg.vector_norm(g.float()) / s
+
+    norms = []
+    for name, loss in (("reconstruction", rec_loss), ("GAN", gan_loss)):
+        norm = grad_norm(loss, name, 1.0 if scale is None else scale)
+        if scale is not None and not torch.isfinite(norm):
+            norm = grad_norm(loss, name, 1.0)
+        norms.append(norm)
+    rec_norm, gan_norm = norms
     return (rec_norm / (gan_norm + eps)).clamp(0.0, max_weight).detach()
 
 

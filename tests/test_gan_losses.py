@@ -91,3 +91,33 @@ def test_gan_schedule_fractional_epochs_and_validation():
         GanSchedule(0, 1, 2, steps_per_epoch=0)
     with pytest.raises(ValueError, match="disc_start"):
         GanSchedule(0, 1, -2, steps_per_epoch=10)
+
+
+def test_adaptive_weight_under_fp16_needs_the_loss_scale():
+    """fp16 autocast at a real batch size: the last layer's output gradient of a mean over 32 images of 3×256²
+    (1/N ≈ 5e-8 per pixel) underflows fp16; taken of the scaled losses (as the backward pass is) it does not."""
+    torch.manual_seed(0)
+    last = torch.nn.Linear(4, 48)  # 48 outputs per token
+    h, x, v = torch.randn(2 ** 17, 4), torch.rand(2 ** 17, 48), torch.randn(48)  # 2^17 × 48 = 32 × 3 × 256²
+
+    def losses(precision: str, rows: int, gan_factor: float):
+        with torch.autocast("cpu", dtype=torch.float16, enabled=precision == "fp16"):
+            recon = last(h[:rows]).float() * 0.25 + 0.5  # (rows, 48): fp16 output, pixel scale in fp32
+            rec = (recon - x[:rows]).abs().mean()
+            gan = -(recon @ v).float().mean() * gan_factor
+        return rec, gan
+
+    def d(precision: str, scale=None, rows: int = 2 ** 17, gan_factor: float = 1e-2) -> float:
+        return adaptive_weight(*losses(precision, rows, gan_factor), last.weight, scale=scale).item()
+
+    scale = torch.tensor(2.0 ** 16)
+    ref = d("fp32")
+    assert 1.0 < ref < 1e3
+    assert d("fp16") > 2 * ref  # unscaled, the GAN gradients underflow to 0 or round to 6e-8 (the bug)
+    assert d("fp16", scale) == pytest.approx(ref, rel=1e-2)
+    assert d("fp32", scale) == pytest.approx(ref, rel=1e-5)  # the scale cancels out
+    # A large GAN gradient (before d shrinks it) overflows at the loss scale: it is taken unscaled instead.
+    _, gan = losses("fp16", 2 ** 10, 1e3)
+    (g,) = torch.autograd.grad(gan * scale, last.weight)
+    assert not torch.isfinite(g).all()
+    assert d("fp16", scale, 2 ** 10, 1e3) == pytest.approx(d("fp32", None, 2 ** 10, 1e3), rel=1e-2)
