@@ -6,8 +6,8 @@ inside the interval), and the ViT-B decoder forward at batch 4 (256 tokens). Bot
 weights and inputs; their repetitions alternate (A, B, A, B, ...) so that a busy machine slows both alike, and the
 medians are compared. A square matmul in the same run gives the reference GFLOP/s (the figures of different runs
 are comparable only through it). ``--memory`` adds the peak memory of each (part, implementation) in a fresh
-subprocess: CUDA max allocated on a GPU, else the process peak RSS over the same process with the models built but
-not run (the difference is what one step needs).
+subprocess: CUDA max allocated on a GPU, else how far two repetitions raise the process peak RSS above its peak once
+the models are built.
 
 The official code is not part of this package: pass its ``src`` folder (github.com/bytetriper/RAE at a4d18c4; it
 imports einops, timm and transformers). Without it only ours is timed.
@@ -185,8 +185,8 @@ BUILDERS = {"train": build_train, "cfg": build_cfg, "decoder": build_decoder}
 
 
 def peak_memory_gib(part: str, impl: str, device: torch.device) -> float:
-    """Peak memory of one repetition (after one warm-up) in this process: CUDA max allocated, else peak RSS minus
-    the RSS once built (the built models and inputs are not counted)."""
+    """Peak memory of one repetition in this process: CUDA max allocated above the allocation once warm, else how far
+    two repetitions raise the peak RSS above the peak once built (the models and inputs are not counted)."""
     fn = BUILDERS[part](impl, device)
     if device.type == "cuda":
         fn()
@@ -196,12 +196,10 @@ def peak_memory_gib(part: str, impl: str, device: torch.device) -> float:
         fn()
         _sync(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**30
-    import psutil
-
-    base = psutil.Process().memory_info().rss
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB: the peak so far (building)
     fn()
     fn()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base) / 2**30
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 2**20
 
 
 def _memory_in_subprocess(args, part: str, impl: str) -> float | None:
