@@ -67,10 +67,16 @@ class RotaryEmbedding2D(nn.Module):
         grid = torch.cat([rows, cols], dim=-1).reshape(grid_size * grid_size, head_dim)  # (S², head_dim)
         self.register_buffer("freqs_cos", grid.cos())
         self.register_buffer("freqs_sin", grid.sin())
+        # (−1, +1, −1, +1, …): rotate_pairs(x)·sin = swap_pairs(x)·(sign·sin) exactly (a sign flip is exact), so the
+        # rotation needs one copy of x (the swap) instead of two (negate, stack). Not in the state dict.
+        self.register_buffer("pair_sign", torch.tensor([-1.0, 1.0]).repeat(head_dim // 2), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Rotate q or k of shape (B, H, N, head_dim); N must equal the grid's S²."""
-        return x * self.freqs_cos + rotate_pairs(x) * self.freqs_sin
+        """Rotate q or k of shape (B, H, N, head_dim) (or q and k stacked in front); N must equal the grid's S².
+
+        Bit for bit x·cos + rotate_pairs(x)·sin, the official formula.
+        """
+        return x * self.freqs_cos + swap_pairs(x) * (self.freqs_sin * self.pair_sign)
 
 
 def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
@@ -78,6 +84,11 @@ def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
     pairs = x.unflatten(-1, (-1, 2))  # (..., D/2, 2)
     x_even, x_odd = pairs.unbind(-1)
     return torch.stack((-x_odd, x_even), dim=-1).flatten(-2)
+
+
+def swap_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(x0, x1, x2, x3, ...) → (x1, x0, x3, x2, ...): :func:`rotate_pairs` without the sign."""
+    return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
 
 
 def sincos_pos_embed_2d(dim: int, grid_size: int) -> torch.Tensor:
@@ -131,8 +142,12 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            # The fp32 rope buffers would promote bf16 q/k; SDPA needs one dtype.
-            q, k = rope(q).to(v.dtype), rope(k).to(v.dtype)
+            # The fp32 rope buffers would promote bf16 q/k; SDPA needs one dtype. Without q/k norm, q and k are
+            # rotated in one pass over qkv[:2].
+            if self.q_norm is None:
+                q, k = rope(qkv[:2]).to(v.dtype).unbind(0)
+            else:
+                q, k = rope(q).to(v.dtype), rope(k).to(v.dtype)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, hd), scale 1/sqrt(hd)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
 
