@@ -268,8 +268,11 @@ def strict_load(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
         return
     state_dict = {k: v.to(expected[k].dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
     module.load_state_dict(state_dict, strict=True, assign=True)
+    for sub in module.modules():  # non-persistent buffers are in no state dict: their module recomputes them
+        if hasattr(sub, "materialize_buffers") and any(b.is_meta for b in sub.buffers(recurse=False)):
+            sub.materialize_buffers()
     left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
-    if left:  # a non-persistent buffer is not in any state dict: such a module cannot be built on meta
+    if left:  # a non-persistent buffer without materialize_buffers: such a module cannot be built on meta
         raise CheckpointError(f"{what}: {', '.join(left[:6])} still have no values after loading")
 
 

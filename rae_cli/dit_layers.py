@@ -69,7 +69,15 @@ class RotaryEmbedding2D(nn.Module):
         self.register_buffer("freqs_sin", grid.sin())
         # (−1, +1, −1, +1, …): rotate_pairs(x)·sin = swap_pairs(x)·(sign·sin) exactly (a sign flip is exact), so the
         # rotation needs one copy of x (the swap) instead of two (negate, stack). Not in the state dict.
-        self.register_buffer("pair_sign", torch.tensor([-1.0, 1.0]).repeat(head_dim // 2), persistent=False)
+        self.register_buffer("pair_sign", self._pair_sign(head_dim, grid.device), persistent=False)
+
+    @staticmethod
+    def _pair_sign(head_dim: int, device) -> torch.Tensor:
+        return torch.tensor([-1.0, 1.0], device=device).repeat(head_dim // 2)
+
+    def materialize_buffers(self) -> None:
+        """Recreate ``pair_sign`` (in no state dict) after a meta-device build was filled by loading."""
+        self.pair_sign = self._pair_sign(self.freqs_sin.shape[-1], self.freqs_sin.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Rotate q or k of shape (B, H, N, head_dim) (or q and k stacked in front); N must equal the grid's S².
