@@ -24,6 +24,34 @@ def parity():
     return load
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core machine run much faster on one thread (``usefixtures("one_thread")``)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def init_spy(monkeypatch):
+    """Records, for every Linear/LayerNorm init, whether it ran on a meta tensor (a real init is ``False``)."""
+    import torch
+
+    inits = []
+    for cls in (torch.nn.Linear, torch.nn.LayerNorm):
+        real = cls.reset_parameters
+
+        def spy(self, real=real):
+            inits.append(self.weight is None or self.weight.is_meta)
+            return real(self)
+
+        monkeypatch.setattr(cls, "reset_parameters", spy)
+    return inits
+
+
 def pytest_collection_modifyitems(config, items):
     """Every test that reads the official-output fixtures says so in its name (`-k parity` selects them all), and
     every test named parity reads them: tests that need no official outputs build inline tiny models instead."""

@@ -23,12 +23,7 @@ PINNED = {"fp16": [1.9685977697372437, 1.9490602016448975, 2.028569221496582],
           "images": [2.0387840270996094, 1.9846479892730713]}  # on the fly, 4 images a step, 2 steps
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def losses(out: Path) -> list[float]:

@@ -15,13 +15,7 @@ from rae_cli.flow import training_loss
 from rae_cli.meanflow import MeanFlowConfig, MeanFlowLoss
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine run much faster on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny(second_time="interval", name="DiT-DH-S", seed=0, perturb=True):

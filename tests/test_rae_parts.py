@@ -11,12 +11,7 @@ from dit_training_helpers import image_folder
 from rae_cli.cli import app
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def invoke(*args):
@@ -135,7 +130,7 @@ def test_one_half_refuses_the_other_halfs_job():
         build_rae(_tiny(), parts={"decoder", "discriminator"})
 
 
-def test_meta_build_plus_load_equals_the_random_init_then_load_path(decoder_file, monkeypatch):
+def test_meta_build_plus_load_equals_the_random_init_then_load_path(decoder_file, init_spy):
     """The decoder with weights gets exactly the weights (and outputs) of the old build (random init, then a copying
     load), and no real-memory initialisation happens on the way: every Linear/LayerNorm init ran on meta tensors."""
     from rae_cli.build import build_rae, decoder_arch, load_decoder_weights
@@ -145,15 +140,8 @@ def test_meta_build_plus_load_equals_the_random_init_then_load_path(decoder_file
     old = ViTDecoder(**decoder_arch(cfg, 32, 16))
     load_decoder_weights(old, decoder_file)
 
-    inits = []
-    for cls in (torch.nn.Linear, torch.nn.LayerNorm):
-        real = cls.reset_parameters
-
-        def spy(self, real=real):
-            inits.append(self.weight is None or self.weight.is_meta)
-            return real(self)
-
-        monkeypatch.setattr(cls, "reset_parameters", spy)
+    inits = init_spy  # tests/conftest.py; the reference decoder above ran real inits: start counting here
+    inits.clear()
     rae = build_rae(cfg, parts={"decoder"}).eval()
     assert inits and all(inits), "a decoder with weights ran a real random init"
     new = rae.decoder

@@ -14,21 +14,6 @@ from rae_cli.schema import DiTConfig
 SHAPE = (32, 4, 4)
 
 
-@pytest.fixture
-def init_spy(monkeypatch):
-    """Records, for every Linear/LayerNorm init, whether it ran on a meta tensor."""
-    inits = []
-    for cls in (torch.nn.Linear, torch.nn.LayerNorm):
-        real = cls.reset_parameters
-
-        def spy(self, real=real):
-            inits.append(self.weight is None or self.weight.is_meta)
-            return real(self)
-
-        monkeypatch.setattr(cls, "reset_parameters", spy)
-    return inits
-
-
 def _same_model(new: torch.nn.Module, old: torch.nn.Module) -> None:
     assert not any(t.is_meta for t in [*new.parameters(), *new.buffers()])
     assert all(p.dtype == torch.float32 for p in new.parameters())
