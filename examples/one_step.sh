@@ -68,7 +68,7 @@ from rae_cli.digits_eval import class_grid
 from rae_cli.npz import load_images_array
 
 out, res = Path(sys.argv[1]), Path(sys.argv[2])
-runs = {"50-step Euler (CFG 2)": (out / "samples", out / "metrics.json"),
+runs = {"50-step Euler (quickstart)": (out / "samples", out / "metrics.json"),
         "2-step MeanFlow": (res / "samples-2step", res / "metrics-2step.json"),
         "1-step MeanFlow": (res / "samples-1step", res / "metrics-1step.json")}
 panels, metrics = [], {}
@@ -81,7 +81,7 @@ for name, (folder, mpath) in runs.items():
     metrics[name] = {"sample_class_accuracy": m["sample_class_accuracy"], "frechet_distance": m["frechet_distance"],
                      "network_evaluations_per_image": nfe.get("main"), "num_samples": m["num_samples"],
                      "sampling_images_per_second": info.get("images_per_second")}
-ref = metrics["50-step Euler (CFG 2)"]
+ref = metrics["50-step Euler (quickstart)"]
 for name in ("2-step MeanFlow", "1-step MeanFlow"):
     metrics[name]["frechet_distance_vs_50_step"] = metrics[name]["frechet_distance"] / ref["frechet_distance"]
 one = metrics["1-step MeanFlow"]

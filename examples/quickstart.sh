@@ -7,9 +7,10 @@
 # Stages (only public `rae` subcommands, `quickstart` presets):
 #   dataset → train-decoder → recon → cache-latents → train-dit → sample → eval-digits
 # Results in OUT_DIR: recon_grid.png (inputs | reconstructions), samples_by_class.png (row = class 0..9),
-# metrics.json (reconstruction PSNR, Fréchet distance in EfficientNet features, sample_class_accuracy), timings.json.
+# metrics.json (reconstruction PSNR, Fréchet distance in EfficientNet features and in an independent digits-MLP's,
+# sample_class_accuracy, sample_diversity_ratio), timings.json.
 # Re-running resumes: finished stages are skipped by the commands themselves.
-# QUICKSTART_SCALE=ci runs a reduced chain (a few steps per stage) for the test suite.
+# QUICKSTART_SCALE=ci runs a reduced chain (a few hundred steps per stage) for the test suite, which checks its numbers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-quickstart-out}
@@ -22,9 +23,9 @@ fi
 [ -x .venv/bin/rae ] && . .venv/bin/activate
 
 if [ "$SCALE" = "ci" ]; then
-  DEC=(train.epochs=1 train.global_batch_size=32 data.holdout=4)
-  DIT=(epochs=1 global_batch_size=32 ckpt_every_epochs=1)
-  SMP=(num_images=20 num_steps=10 grid_images=20)
+  DEC=(train.epochs=6 train.global_batch_size=32 data.holdout=4)
+  DIT=(epochs=16 global_batch_size=32 ckpt_every_epochs=16)
+  SMP=(num_images=50 num_steps=20 grid_images=20)
 else
   DEC=()
   DIT=()
@@ -67,7 +68,11 @@ m = json.load(open(f"{out}/metrics.json"))
 print(f"\nquickstart done in {timings['total']} s → {out}/")
 print(f"  reconstruction PSNR   {m['reconstruction_psnr']:.2f} dB (held-out digits)")
 print(f"  sample_class_accuracy {m['sample_class_accuracy']:.3f}")
-print(f"  Fréchet distance      {m['frechet_distance']:.2f} (EfficientNet-Lite0 features; real train vs test: "
+print(f"  Fréchet distance      {m['frechet_distance']:.2f} (EfficientNet-Lite0 features; real digits, as many: "
+      f"{m.get('frechet_distance_real_floor_same_n', float('nan')):.2f}, all train vs test: "
       f"{m['frechet_distance_real_train_vs_test']:.2f})")
+print(f"  diversity ratio       {m['sample_diversity_ratio']:.3f} (1 = as varied as real digits of the class)")
+print(f"  independent judge     Fréchet distance {m['frechet_distance_digits_mlp']:.2f} in a digits-MLP's features "
+      f"(real train vs test: {m['frechet_distance_digits_mlp_real_train_vs_test']:.2f})")
 print(f"  pictures: {out}/recon_grid.png, {out}/samples_by_class.png")
 EOF
