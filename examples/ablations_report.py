@@ -97,7 +97,8 @@ def main(out: Path, quick_dir: Path) -> None:
             note = "; ".join(x for x in (_guidance(out / "samples" / folder), note) if x)
         lines.append(f"| {group} | {name} | {m['sample_class_accuracy']:.3f} | {m['frechet_distance']:.1f} | "
                      f"{m['sample_diversity_ratio']:.3f} | {'' if t is None else f'{t:.0f}'} | {note} |")
-        plotted.append((f"{group}: {name}", m))
+        if folder not in {f for f, _ in plotted}:  # the reference once
+            plotted.append((folder, m))
     lines += ["", "Paper (ImageNet 256²):", ""] + [f"- **{g}**: {v}" for g, v in PAPER.items()]
 
     recon_rows = []
