@@ -276,7 +276,7 @@ class MeanFlowLoss:
 def load_teacher(path: str, device: torch.device, latent_shape, num_classes: int) -> torch.nn.Module:
     """A frozen flow-matching model (EMA weights) from a train-dit run or checkpoint folder, checked against the
     data; it is called as ``teacher(x, t, y)``."""
-    from rae_cli.train_dit import load_trained_dit
+    from rae_cli.stage2_loading import load_trained_dit
 
     model, tcfg = load_trained_dit(path, weights="ema", device=device)
     if list(tcfg.latent_shape) != [int(d) for d in latent_shape] or int(tcfg.num_classes) != int(num_classes):

@@ -285,3 +285,31 @@ def convert_official(source: str, dit: Any, out_dir: str | Path, *, latent_shape
               "num_classes": loaded.num_classes}
     atomic_write_text(out_dir / CONFIG_FILE, OmegaConf.to_yaml(OmegaConf.create(config)))
     return out_dir
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading a trained model back
+
+
+def load_trained_dit(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu"
+                     ) -> tuple[torch.nn.Module, Any]:
+    """(model in eval mode, its resolved TrainDiTConfig) from a train-dit checkpoint or run folder (latest checkpoint).
+
+    The config carries everything a sampler needs: ``rae`` (with the statistics used: the checkpoint's own copy
+    when it has one), ``dit``, ``flow.shift``, ``num_classes`` and ``latent_shape``.
+    """
+    import dataclasses
+
+    from rae_cli.build import build_dit_model
+    from rae_cli.config import load_resolved
+    from rae_cli.run_dir import CONFIG_FILE, resolve_checkpoint
+    from rae_cli.stage2_bundle import own_stats
+    from rae_cli.train_dit_config import TrainDiTConfig
+
+    ck = resolve_checkpoint(path)
+    cfg = load_resolved(TrainDiTConfig, ck.path / CONFIG_FILE)
+    cfg = dataclasses.replace(cfg, rae=dataclasses.replace(cfg.rae, stats=own_stats(ck.path, cfg.rae.stats)))
+    # Built on the meta device and materialised by the load (a MeanFlow teacher, a sampler's model).
+    model = build_dit_model(cfg.dit, cfg.latent_shape, cfg.num_classes, state_dict=ck.weights(weights),
+                            what=f"{weights} weights {ck.path}")
+    return model.to(device).eval(), cfg

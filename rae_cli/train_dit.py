@@ -22,9 +22,7 @@ import dataclasses
 import functools
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -32,8 +30,8 @@ from rae_cli.config import ConfigError
 from rae_cli.dit_batches import (SEED_INIT, SEED_NOISE, SEED_ORDER, SEED_STEP, CacheSource, Data,  # noqa: F401
                                  ImageSource, MicroBatches, StepDraws, epoch_order, noise_for, normalize_latents,
                                  step_draws)
-from rae_cli.errors import DataError
-from rae_cli.train_dit_config import OptimConfig, ScheduleConfig, TrainDiTConfig  # noqa: F401 (public names here)
+from rae_cli.stage2_loading import load_trained_dit  # noqa: F401 (public name here)
+from rae_cli.train_dit_config import OptimConfig, Plan, ScheduleConfig, TrainDiTConfig  # noqa: F401 (public names here)
 from rae_cli.training.guard import NonFiniteError  # noqa: F401 (public name here)
 
 log = logging.getLogger(__name__)
@@ -66,7 +64,6 @@ def make_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devic
         except (RuntimeError, TypeError, ValueError) as e:
             log.info("fused AdamW unavailable on %s (%s); using the default implementation", device, e)
     return torch.optim.AdamW(params, **kwargs)
-
 
 
 def train_step(*, model_fn, raw_model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema, micro_batches,
@@ -159,40 +156,6 @@ def _sources_from_previous_run(cfg: TrainDiTConfig, out: Path) -> TrainDiTConfig
 
     prev = read_yaml(out / "config.yaml")
     return dataclasses.replace(cfg, cache=prev.get("cache"), images=prev.get("images"))
-
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Step counts derived from the data size and the epoch-based settings."""
-
-    steps_per_epoch: int
-    total_steps: int
-    stop_step: int
-    warmup_steps: int
-    decay_end_steps: int
-    ckpt_every: int
-    keep_every: Optional[int]
-
-    @classmethod
-    def of(cls, cfg: TrainDiTConfig, num_images: int) -> Plan:
-        spe = num_images // cfg.global_batch_size  # drop_last, like the official DistributedSampler loader
-        if spe < 1:
-            raise DataError(f"global_batch_size={cfg.global_batch_size} is larger than the data "
-                            f"({num_images} images): lower it")
-        total = cfg.epochs * spe
-        stop = min(total, cfg.max_steps) if cfg.max_steps is not None else total
-        ckpt = cfg.ckpt_every_steps or max(1, round(cfg.ckpt_every_epochs * spe))
-        keep = max(1, round(cfg.keep_every_epochs * spe)) if cfg.keep_every_epochs else None
-        return cls(spe, total, stop, round(cfg.schedule.warmup_epochs * spe),
-                   round(cfg.schedule.decay_end_epoch * spe), ckpt, keep)
-
-    def lr(self, cfg: TrainDiTConfig, step: int) -> float:
-        from rae_cli.lr_schedule import lr_at
-
-        s = cfg.schedule
-        return lr_at(step, kind=s.kind, base_lr=cfg.optim.lr, final_lr=s.final_lr, warmup=self.warmup_steps,
-                     warmup_from_zero=s.warmup_from_zero, decay_end=self.decay_end_steps, total=self.total_steps)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -415,28 +378,3 @@ def _save(ckroot: Path, step: int, cfg: TrainDiTConfig, plan: Plan, weights: dic
               "classes": data.classes, "shift": shift, "stats": stats_meta["latent_stats"]["source"],
               "num_images": data.num_images, "total_steps": plan.total_steps, **stats_meta})
     apply_retention(ckroot, keep_last=cfg.keep_last, keep_every=plan.keep_every)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Reading a trained model back
-
-
-def load_trained_dit(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu"
-                     ) -> tuple[torch.nn.Module, TrainDiTConfig]:
-    """(model in eval mode, resolved config) from a checkpoint folder or run folder (latest checkpoint).
-
-    The config carries everything a sampler needs: ``rae`` (with the statistics used: the checkpoint's own copy
-    when it has one), ``dit``, ``flow.shift``, ``num_classes`` and ``latent_shape``.
-    """
-    from rae_cli.build import build_dit_model
-    from rae_cli.config import load_resolved
-    from rae_cli.run_dir import CONFIG_FILE, resolve_checkpoint
-    from rae_cli.stage2_bundle import own_stats
-
-    ck = resolve_checkpoint(path)
-    cfg = load_resolved(TrainDiTConfig, ck.path / CONFIG_FILE)
-    cfg = dataclasses.replace(cfg, rae=dataclasses.replace(cfg.rae, stats=own_stats(ck.path, cfg.rae.stats)))
-    # Built on the meta device and materialised by the load (a MeanFlow teacher, a sampler's model).
-    model = build_dit_model(cfg.dit, cfg.latent_shape, cfg.num_classes, state_dict=ck.weights(weights),
-                            what=f"{weights} weights {ck.path}")
-    return model.to(device).eval(), cfg

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar, List, Optional
 
 from rae_cli.config import ConfigError, doc
+from rae_cli.errors import DataError
 from rae_cli.meanflow import MeanFlowConfig
 from rae_cli.schema import DiTConfig, FlowConfig, RAEConfig
 
@@ -146,3 +147,35 @@ class TrainDiTConfig:
         if self.objective == "meanflow" and getattr(self.dit, "second_time", "none") == "none":
             raise ConfigError("objective=meanflow needs a model with a second time input: dit.second_time=interval")
 
+
+@dataclass(frozen=True)
+class Plan:
+    """Step counts derived from the data size and the epoch-based settings."""
+
+    steps_per_epoch: int
+    total_steps: int
+    stop_step: int
+    warmup_steps: int
+    decay_end_steps: int
+    ckpt_every: int
+    keep_every: Optional[int]
+
+    @classmethod
+    def of(cls, cfg: TrainDiTConfig, num_images: int) -> Plan:
+        spe = num_images // cfg.global_batch_size  # drop_last, like the official DistributedSampler loader
+        if spe < 1:
+            raise DataError(f"global_batch_size={cfg.global_batch_size} is larger than the data "
+                            f"({num_images} images): lower it")
+        total = cfg.epochs * spe
+        stop = min(total, cfg.max_steps) if cfg.max_steps is not None else total
+        ckpt = cfg.ckpt_every_steps or max(1, round(cfg.ckpt_every_epochs * spe))
+        keep = max(1, round(cfg.keep_every_epochs * spe)) if cfg.keep_every_epochs else None
+        return cls(spe, total, stop, round(cfg.schedule.warmup_epochs * spe),
+                   round(cfg.schedule.decay_end_epoch * spe), ckpt, keep)
+
+    def lr(self, cfg: TrainDiTConfig, step: int) -> float:
+        from rae_cli.lr_schedule import lr_at
+
+        s = cfg.schedule
+        return lr_at(step, kind=s.kind, base_lr=cfg.optim.lr, final_lr=s.final_lr, warmup=self.warmup_steps,
+                     warmup_from_zero=s.warmup_from_zero, decay_end=self.decay_end_steps, total=self.total_steps)

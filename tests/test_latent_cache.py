@@ -146,14 +146,15 @@ def test_two_processes_build_the_same_cache(images, cache, tmp_path):
         torch.testing.assert_close(sa[k], sb[k], atol=1e-6, rtol=1e-6)
     ia, ib = (json.loads((p / "index.json").read_text()) for p in (cache, out))
     assert ia["num_bad"] == ib["num_bad"] == 1 and ia["shards"] == ib["shards"]
-    # Each shard's statistics partial (summed by whichever process encoded it) is that of the 1-process cache.
+    # Each shard's statistics partial (summed by whichever process encoded it) is that of the 1-process cache, to
+    # the tolerance of the shards themselves (the encoder's float sums depend on the thread count).
     from rae_cli.latent_cache_writer import load_shard_stats
 
     for s in range(4):
         pa, pb = (load_shard_stats(c, s, (32, 4, 4)) for c in (cache, out))
         assert pb is not None and pa.n == pb.n
-        torch.testing.assert_close(pa.sum, pb.sum, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(pa.sum_sq, pb.sum_sq, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(pa.sum, pb.sum, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(pa.sum_sq, pb.sum_sq, rtol=1e-6, atol=1e-5)
 
 
 def test_train_dit_from_the_cache_and_on_the_fly(images, cache, tmp_path):
