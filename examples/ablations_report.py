@@ -50,6 +50,12 @@ def _timings(path: Path) -> dict[str, float]:
     return out
 
 
+def _steps(out: Path) -> int:
+    from rae_cli.config import read_yaml
+
+    return int(read_yaml(out / "samples" / "reference" / "config.yaml")["num_steps"])
+
+
 def _guidance(folder: Path) -> str:
     """'cfg 1.3 on [0, 0.7]' from a sample folder's resolved config.yaml."""
     from rae_cli.config import read_yaml
@@ -80,7 +86,7 @@ def main(out: Path, quick_dir: Path) -> None:
     metrics = {p.parent.name: json.loads(p.read_text()) for p in (out / "samples").glob("*/metrics.json")}
 
     lines = ["# RAE's design choices in miniature (quickstart digits, CPU)", "",
-             f"Every row: {metrics['reference']['num_samples']} samples (class i mod 10), 50 Euler steps unless said, "
+             f"Every row: {metrics['reference']['num_samples']} samples (class i mod 10), {_steps(out)} Euler steps, "
              "judged by `rae eval-digits` against the held-out digits. Fréchet distance in EfficientNet-Lite0 "
              f"features; real digits score {metrics['reference'].get('frechet_distance_real_floor_same_n', float('nan')):.1f} "
              "at this sample count (floor). Diversity ratio: per-class mean pairwise distance of samples over "
