@@ -1,19 +1,26 @@
-"""Speed at equal math: ours next to the official code, interleaved in one run (issue #11 item 7).
+"""Speed at equal math: ours next to the official code, each in its own process (issue #11 item 7).
 
 Three parts, each at the sizes of the issue: the DiT-DH-S training step at batch 8 on 768×16×16 latents (forward,
 backward, clip, fused AdamW, EMA), one CFG-guided Euler step of DiT-DH-S at batch 4 (scale 1.5, every sample
 inside the interval), and the ViT-B decoder forward at batch 4 (256 tokens). Both implementations get the same
-weights and inputs; their repetitions alternate (A, B, A, B, ...) so that a busy machine slows both alike, and the
-medians are compared. A square matmul in the same run gives the reference GFLOP/s (the figures of different runs
-are comparable only through it). ``--memory`` adds the peak memory of each (part, implementation) in a fresh
-subprocess: CUDA max allocated on a GPU, else how far two repetitions raise the process peak RSS above its peak once
-the models are built.
+weights and inputs. Each (part, implementation) runs in a fresh process — ``--warmup`` untimed repetitions,
+then ``--reps`` timed ones — and the processes alternate (ours, official, ours, official, ... for ``--rounds``
+rounds) so that a busy machine slows both alike; the medians over all repetitions are compared. Separate processes
+matter on the CPU: two models in one process share glibc's heap, and which one re-faults freed pages depends on the
+other's allocations (interleaved in one process, the same training step measured 0.96× that isolated measured ≈ 1.0×).
+A square matmul in the same run gives the reference GFLOP/s (figures of different runs compare only through it).
+Each process also reports its minor page faults per repetition and its peak memory: CUDA max allocated on a GPU,
+else how far the repetitions raise the peak RSS above the peak once the models are built.
+
+``--malloc`` (CPU only): ``as-run`` (default) runs each side as its own program runs — ours with freed memory kept
+for reuse as ``rae`` does on the CPU (rae_cli/cpu_malloc.py), the official code with glibc's defaults; ``system``
+gives both glibc's defaults, ``keep`` gives both the kept memory (equal allocators: the code alone compared).
 
 The official code is not part of this package: pass its ``src`` folder (github.com/bytetriper/RAE at a4d18c4; it
-imports einops, timm and transformers). Without it only ours is timed.
+imports einops, regex, timm and transformers). Without it only ours is timed.
 
-    python benchmarks/speed_at_equal_math.py --official-src /path/to/RAE/src --threads 2 --reps 5
-    python benchmarks/speed_at_equal_math.py --parts decoder,cfg --reps 3 --memory
+    python benchmarks/speed_at_equal_math.py --official-src /path/to/RAE/src --threads 2 --reps 3 --rounds 2
+    python benchmarks/speed_at_equal_math.py --official-src RAE/src --parts decoder,cfg --malloc keep
 """
 
 from __future__ import annotations
@@ -184,51 +191,74 @@ BUILDERS = {"train": build_train, "cfg": build_cfg, "decoder": build_decoder}
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def peak_memory_gib(part: str, impl: str, device: torch.device) -> float:
-    """Peak memory of one repetition in this process: CUDA max allocated above the allocation once warm, else how far
-    two repetitions raise the peak RSS above the peak once built (the models and inputs are not counted)."""
+MALLOC_MODES = ("as-run", "system", "keep")
+
+
+def _keeps_memory(impl: str, malloc: str) -> bool:
+    return malloc == "keep" or (malloc == "as-run" and impl == "ours")
+
+
+def _time_here(part: str, impl: str, device: torch.device, reps: int, warmup: int, malloc: str) -> dict:
+    """In this (fresh) process: build, ``warmup`` untimed repetitions (the first training step creates the AdamW
+    state; the heap settles over the next), then ``reps`` timed ones; faults and peak memory alongside."""
+    if device.type == "cpu" and _keeps_memory(impl, malloc):
+        from rae_cli.cpu_malloc import keep_freed_memory
+
+        keep_freed_memory()
     fn = BUILDERS[part](impl, device)
-    if device.type == "cuda":
+    for _ in range(warmup):
         fn()
-        _sync(device)
+    _sync(device)
+    if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB: the peak so far (build + warm-up)
+    times, faults = [], []
+    for _ in range(reps):
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        t0 = time.perf_counter()
         fn()
         _sync(device)
-        return (torch.cuda.max_memory_allocated(device) - base) / 2**30
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB: the peak so far (building)
-    fn()
-    fn()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 2**20
+        times.append(time.perf_counter() - t0)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    if device.type == "cuda":
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # the process's peak RSS, GiB
+    return {"times_s": times, "minor_faults": faults, "peak_gib": peak,
+            "peak_rss_above_build_gib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 2**20}
 
 
-def _memory_in_subprocess(args, part: str, impl: str) -> float | None:
-    cmd = [sys.executable, __file__, "--_memory-of", f"{part}:{impl}", "--device", args.device,
-           "--threads", str(args.threads)] + (["--official-src", args.official_src] if args.official_src else [])
+def _time_in_subprocess(args, part: str, impl: str) -> dict:
+    cmd = [sys.executable, __file__, "--_time-of", f"{part}:{impl}", "--device", args.device, "--threads",
+           str(args.threads), "--reps", str(args.reps), "--warmup", str(args.warmup), "--malloc", args.malloc]
+    cmd += ["--official-src", args.official_src] if args.official_src else []
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
-        print(f"  memory of {part}/{impl} failed: {out.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
-        return None
-    return float(out.stdout.strip().splitlines()[-1])
+        raise SystemExit(f"{part}/{impl} failed:\n{out.stderr.strip()}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--official-src", default=None, help="the official repository's src folder (omit: ours only)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
-    p.add_argument("--reps", type=int, default=3, help="timed repetitions per implementation (after one warm-up)")
+    p.add_argument("--reps", type=int, default=3, help="timed repetitions per process")
+    p.add_argument("--warmup", type=int, default=2, help="untimed repetitions first, per process")
+    p.add_argument("--rounds", type=int, default=2, help="processes per implementation, alternating")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--memory", action="store_true", help="also the peak memory of each, in fresh subprocesses")
-    p.add_argument("--_memory-of", dest="memory_of", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--malloc", default="as-run", choices=MALLOC_MODES,
+                   help="CPU allocator: as each program runs, glibc defaults for both, or freed memory kept for both")
+    p.add_argument("--_time-of", dest="time_of", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.official_src:
         sys.path.insert(0, args.official_src)
     device = torch.device(args.device)
-    if args.memory_of:
-        part, impl = args.memory_of.split(":")
-        print(peak_memory_gib(part, impl, device))
+    if args.time_of:
+        part, impl = args.time_of.split(":")
+        print(json.dumps(_time_here(part, impl, device, args.reps, args.warmup, args.malloc)))
         return {}
     impls = ["ours", "official"] if args.official_src else ["ours"]
     parts = [s for s in args.parts.split(",") if s]
@@ -236,40 +266,34 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         raise SystemExit(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {where}, fp32, {args.reps} alternating repetitions, medians")
+    malloc = f", malloc {args.malloc}" if device.type == "cpu" else ""
+    print(f"torch {torch.__version__}, {where}, fp32{malloc}, {args.rounds} rounds × ({args.warmup} warm-up + "
+          f"{args.reps} timed) repetitions per implementation, each round in its own process, medians")
     results = {}
     for part in parts:
-        fns = {impl: BUILDERS[part](impl, device) for impl in impls}
-        for fn in fns.values():  # warm-up
-            fn()
-        times = {impl: [] for impl in impls}
-        for _ in range(args.reps):
-            for impl, fn in fns.items():
-                _sync(device)
-                t0 = time.perf_counter()
-                fn()
-                _sync(device)
-                times[impl].append(time.perf_counter() - t0)
-        del fns
+        runs = {impl: [] for impl in impls}
+        for _ in range(args.rounds):
+            for impl in impls:
+                runs[impl].append(_time_in_subprocess(args, part, impl))
         ref = matmul_gflops(device)
         row = {"matmul_gflops": ref}
         for impl in impls:
-            med = statistics.median(times[impl])
-            row[impl] = {"median_s": med, "min_s": min(times[impl]), "times_s": times[impl],
+            times = [t for r in runs[impl] for t in r["times_s"]]
+            med = statistics.median(times)
+            row[impl] = {"median_s": med, "min_s": min(times), "times_s": times,
                          # seconds × reference GFLOP/s: a machine-independent "matmul-equivalent GFLOP" size
-                         "matmul_equiv_gflop": med * ref}
+                         "matmul_equiv_gflop": med * ref,
+                         "minor_faults_median": statistics.median(f for r in runs[impl] for f in r["minor_faults"]),
+                         "peak_gib": max(r["peak_gib"] for r in runs[impl]),
+                         "keeps_freed_memory": device.type == "cpu" and _keeps_memory(impl, args.malloc)}
         if "official" in row:
             row["speed_vs_official"] = row["official"]["median_s"] / row["ours"]["median_s"]
-        if args.memory:
-            for impl in impls:
-                row[impl]["peak_gib"] = _memory_in_subprocess(args, part, impl)
         results[part] = row
         line = f"{part:8s} matmul ref {ref:6.1f} GFLOP/s"
         for impl in impls:
             r = row[impl]
-            line += f" | {impl} {r['median_s']:.3f} s (min {r['min_s']:.3f}, ×ref {r['matmul_equiv_gflop']:.0f} GFLOP)"
-            if r.get("peak_gib") is not None:
-                line += f" peak +{r['peak_gib']:.2f} GiB"
+            line += (f" | {impl} {r['median_s']:.3f} s (min {r['min_s']:.3f}, ×ref {r['matmul_equiv_gflop']:.0f} GFLOP,"
+                     f" {r['minor_faults_median']:.0f} faults, peak {r['peak_gib']:.2f} GiB)")
         if "speed_vs_official" in row:
             line += f" | ours {row['speed_vs_official']:.3f}× the official speed"
         print(line, flush=True)

@@ -67,6 +67,10 @@ def main(argv: list[str] | None = None) -> dict:
         shape = tuple(cfg.latent_shape) if cfg.latent_shape else (768, 16, 16)
     shift = cfg.flow.resolved_shift(shape)
     torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+    if device.type == "cpu":  # as `rae train-dit` runs on the CPU (rae_cli/cpu_malloc.py; RAE_CPU_MALLOC=system: off)
+        from rae_cli.cpu_malloc import keep_freed_memory
+
+        keep_freed_memory()
 
     model = build_model(cfg, shape, args.num_classes).to(device).train()
     ema = EMA(model, cfg.ema_decay)

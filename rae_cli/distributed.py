@@ -49,6 +49,10 @@ def init(device: str = "auto", timeout_minutes: float | None = None) -> Dist:
     if dev.type == "cuda":
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
+    elif dev.type == "cpu":
+        from rae_cli.cpu_malloc import keep_freed_memory
+
+        keep_freed_memory()  # no page-fault storm every step (see rae_cli/cpu_malloc.py); results bit-identical
     if world > 1 and not torch.distributed.is_initialized():
         _warn_shared_rendezvous_store(rank)
         backend = "nccl" if dev.type == "cuda" else "gloo"

@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from rae_cli import diffusers_rae
+from rae_cli import diffusers_export, diffusers_rae
 from rae_cli.checkpoint import CheckpointError, load_safetensors, save_safetensors
 from rae_cli.decoder import ViTDecoder
 from rae_cli.encoders import load_encoder
@@ -109,7 +109,7 @@ def _tiny_ours(etype: str, seed: int = 5, stats: bool = True) -> RAE:
 def test_ours_to_diffusers_to_ours_parity(etype, stats, tmp_path):
     d = _diffusers()
     ours = _tiny_ours(etype, stats=stats)
-    out = diffusers_rae.export(ours, tmp_path / "export")
+    out = diffusers_export.export(ours, tmp_path / "export")
     try:
         theirs = d.AutoencoderRAE.from_pretrained(str(out)).eval()
     except AttributeError as e:  # transformers 4.x re-initialises DINOv2's (removed) final LayerNorm weight
@@ -130,7 +130,7 @@ def test_ours_to_diffusers_to_ours_parity(etype, stats, tmp_path):
 
 def test_diffusers_folder_is_loaded_strictly(tmp_path):
     """An extra or a missing tensor in the diffusers file is an error (no diffusers install needed)."""
-    out = diffusers_rae.export(_tiny_ours("dinov2"), tmp_path / "ok")
+    out = diffusers_export.export(_tiny_ours("dinov2"), tmp_path / "ok")
     sd, meta = load_safetensors(out / diffusers_rae.WEIGHTS_NAME)
     diffusers_rae.load_rae(str(out))  # the intact folder loads
 
@@ -158,11 +158,11 @@ def test_registry_encoder_identity_and_unsupported_exports(tmp_path):
     noreg = load_encoder("dinov2-b-noreg", random_init=True, config_overrides=dict(
         hidden_size=64, num_attention_heads=1, num_hidden_layers=2, patch_size=4))
     with pytest.raises(CheckpointError, match="register"):
-        diffusers_rae.export(RAE(noreg, rae.decoder, input_size=64), tmp_path / "noreg")
+        diffusers_export.export(RAE(noreg, rae.decoder, input_size=64), tmp_path / "noreg")
     two_heads = load_encoder("dinov2-b", random_init=True, config_overrides=dict(
         hidden_size=64, num_attention_heads=2, num_hidden_layers=2, patch_size=4))
     with pytest.raises(CheckpointError, match="num_attention_heads"):
-        diffusers_rae.export(RAE(two_heads, rae.decoder, input_size=64), tmp_path / "heads")
+        diffusers_export.export(RAE(two_heads, rae.decoder, input_size=64), tmp_path / "heads")
 
 
 def test_rae_source_in_config_builds_the_diffusers_rae(tmp_path):
@@ -172,7 +172,7 @@ def test_rae_source_in_config_builds_the_diffusers_rae(tmp_path):
     from rae_cli.schema import RAEConfig
 
     ours = _tiny_ours("mae")
-    out = diffusers_rae.export(ours, tmp_path / "mae-rae")
+    out = diffusers_export.export(ours, tmp_path / "mae-rae")
     cfg = resolve(RAEConfig, None, [f"source={out}"])
     assert (cfg.encoder, cfg.encoder_input_size, cfg.decoder_patch_size) == ("mae", 64, 4)
     built = build_rae(cfg).eval()
@@ -197,7 +197,7 @@ def test_export_preset_loads_in_diffusers(tmp_path):
                     "num_hidden_layers: 1, patch_size: 4}}\n"
                     "decoder: custom\ndecoder_hidden_size: 32\ndecoder_depth: 1\ndecoder_heads: 2\n"
                     "decoder_intermediate_size: 64\ndecoder_patch_size: 4\n")
-    out = diffusers_rae.export_preset(yaml, tmp_path / "diffusers")
+    out = diffusers_export.export_preset(yaml, tmp_path / "diffusers")
     theirs = d.AutoencoderRAE.from_pretrained(str(out)).eval()
     ours = build_rae(resolve(RAEConfig, str(yaml))).eval()
     x = _images(64)
@@ -225,7 +225,7 @@ def test_recon_cli_with_rae_source_replaces_the_preset(tmp_path):
     from rae_cli.config import resolve
     from rae_cli.schema import ReconConfig
 
-    out = diffusers_rae.export(_tiny_ours("mae"), tmp_path / "mae-rae")
+    out = diffusers_export.export(_tiny_ours("mae"), tmp_path / "mae-rae")
     cfg = resolve(ReconConfig, None, [f"rae.source={out}"], base={"rae": "dinov2-b"})
     weights = str(out.resolve() / diffusers_rae.WEIGHTS_NAME)
     assert (cfg.rae.encoder, cfg.rae.decoder_weights, cfg.rae.stats) == ("mae", weights, weights)
@@ -249,7 +249,7 @@ def test_hub_id_from_the_hf_cache_offline(tmp_path, monkeypatch):
         diffusers_rae.locate("hf:someone/tiny-rae")
     repo = tmp_path / "hub" / "models--someone--tiny-rae"
     snap = repo / "snapshots" / ("0" * 40)
-    diffusers_rae.export(_tiny_ours("dinov2"), snap)
+    diffusers_export.export(_tiny_ours("dinov2"), snap)
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text("0" * 40)
     assert diffusers_rae.locate("hf:someone/tiny-rae") == snap

@@ -68,7 +68,7 @@ def export_decoder(
     console.print(f"[green]wrote[/] {path}/decoder.safetensors, model.pt, rae.yaml "
                   f"(rae recon --preset {path / 'rae.yaml'} ...)")
     if format == "diffusers":
-        from rae_cli.diffusers_rae import export_preset
+        from rae_cli.diffusers_export import export_preset
 
         folder = export_preset(path / "rae.yaml", path / "diffusers")
         console.print(f"[green]wrote[/] {folder} (diffusers AutoencoderRAE.from_pretrained; rae.source={folder})")

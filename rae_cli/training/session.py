@@ -29,9 +29,9 @@ def distributed_session(device: str, **init_options) -> Iterator:
 
 def setup_precision(device: torch.device, *, tf32: bool = True) -> None:
     """TF32 matmuls/convolutions on NVIDIA GPUs (both trainers; no effect on the CPU)."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.backends.cudnn.allow_tf32 = tf32
+    from rae_cli.distributed import set_tf32
+
+    set_tf32(device, tf32)
 
 
 def autocast(device: torch.device, precision: str):
